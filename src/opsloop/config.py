@@ -1,0 +1,338 @@
+"""Typed experiment configuration: dataclass schemas, Hydra composition, one-line errors.
+
+Each config group under `configs/` has a dataclass schema here. `load_config(["data=mnist"])`
+composes `configs/config.yaml` with Hydra, validates it against the schema (an unknown key or a
+wrong type fails with the key's name) and returns the typed `OpsloopConfig`. Stage functions then
+receive only their own typed section, never a raw DictConfig.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from opsloop.errors import ConfigError
+
+CONFIG_DIR_ENV = "OPSLOOP_CONFIG_DIR"
+
+
+@dataclass
+class DownloadFileConfig:
+    """One file of a downloadable dataset: its name on the mirror and its SHA-256."""
+
+    filename: str = "???"
+    sha256: str = "???"
+
+
+@dataclass
+class DataConfig:
+    """Which dataset to prepare, how to split it and how to load it for training."""
+
+    name: str = "digits"
+    # The loader: `digits` (scikit-learn), `idx` (MNIST-style download), `imagefolder`.
+    source: str = "digits"
+    processed_dir: str = "data/processed"
+    cache_dir: str = "data/raw"
+    seed: int = 0
+    val_fraction: float = 0.15
+    # Used only where the source has no official test split (digits, imagefolder).
+    test_fraction: float = 0.15
+    class_names: list[str] | None = None
+    # idx: mirrors tried in order, and the four files with their checksums.
+    mirrors: list[str] = field(default_factory=list)
+    files: dict[str, DownloadFileConfig] = field(default_factory=dict)
+    retries: int = 3
+    backoff_seconds: float = 1.0
+    timeout_seconds: float = 60.0
+    # imagefolder: root/<class>/*.png|jpg; images are converted to `channels` and resized.
+    root: str | None = None
+    image_size: int | None = None
+    channels: int = 1
+    # Loading for training (the LightningDataModule).
+    batch_size: int = 64
+    num_workers: int = 0
+    pin_memory: bool = False
+
+
+@dataclass
+class ModelConfig:
+    """The classifier: a small CNN that adapts to any image shape and class count."""
+
+    name: str = "cnn"
+    channels: int = 32  # width of the first conv block; each further block doubles it
+    depth: int = 2  # conv blocks
+    hidden: int = 128  # width of the penultimate layer, the embedding monitoring uses
+    dropout: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    """Loss, optimizer and learning-rate schedule."""
+
+    optimizer: str = "adamw"  # adamw | adam | sgd
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd only
+    scheduler: str = "cosine"  # cosine | onecycle | step | none
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    """The Lightning Trainer's settings, plus checkpointing and early stopping."""
+
+    max_epochs: int = 30
+    accelerator: str = "cpu"  # cpu | gpu | auto
+    devices: str = "1"  # a count ("2"), a list ("[0,1]") or "auto"; a string so all forms fit
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | ddp_spawn | ...
+    precision: str = "32-true"
+    deterministic: bool = True
+    gradient_clip_val: float | None = None
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 10
+    enable_progress_bar: bool = True
+    profiler: str | None = None  # simple | advanced | pytorch
+    fast_dev_run: int = 0
+    overfit_batches: float = 0.0
+    limit_train_batches: float = 1.0
+    limit_val_batches: float = 1.0
+    limit_test_batches: float = 1.0
+    monitor: str = "val/loss"
+    monitor_mode: str = "min"
+    early_stopping_patience: int = 8  # 0 turns early stopping off
+    save_top_k: int = 1
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment tracking: MLflow by default, W&B as an alternative, or none."""
+
+    name: str = "mlflow"  # mlflow | wandb | none
+    # None means the embedded store: sqlite:///<workspace>/mlflow.db with artifacts beside it.
+    # $OPSLOOP_TRACKING_URI overrides this.
+    tracking_uri: str | None = None
+    experiment: str = "opsloop"
+    run_name: str | None = None
+    log_model: bool = True
+    wandb_project: str = "opsloop"
+    wandb_mode: str = "offline"  # offline needs no account
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ParamSpec:
+    """One dimension of a sweep's search space."""
+
+    type: str = "float"  # float | int | categorical
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+
+
+@dataclass
+class SweepConfig:
+    """An Optuna study over `params` (keys are config paths such as `optim.lr`)."""
+
+    study_name: str = "opsloop"
+    n_trials: int = 20
+    timeout_seconds: float | None = None
+    metric: str = "val/loss"
+    direction: str = "minimize"
+    # None means the embedded store: sqlite:///<workspace>/optuna.db. Any RDB URL lets workers
+    # on many machines join one study.
+    storage: str | None = None
+    sampler_seed: int | None = None
+    pruner_warmup_epochs: int = 2
+    params: dict[str, ParamSpec] = field(default_factory=dict)
+
+
+@dataclass
+class OpsloopConfig:
+    """The root of every composed experiment config."""
+
+    seed: int = 42
+    # Where runs, the embedded MLflow store and sweep studies live (relative to the cwd).
+    workspace: str = "."
+    output_dir: str = "outputs"
+    ckpt_path: str | None = None  # resume training from this checkpoint
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore (idempotent; called before composing)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="opsloop_schema", node=OpsloopConfig)
+
+
+def find_config_dir(explicit: str | Path | None = None) -> Path:
+    """Find `configs/`: the argument, $OPSLOOP_CONFIG_DIR, ./configs, then the source tree."""
+    candidates: list[Path] = []
+    if explicit is not None:
+        candidates.append(Path(explicit))
+    elif os.environ.get(CONFIG_DIR_ENV):
+        candidates.append(Path(os.environ[CONFIG_DIR_ENV]))
+    else:
+        candidates += [Path.cwd() / "configs", Path(__file__).resolve().parents[2] / "configs"]
+        candidates.append(Path(__file__).resolve().parent / "configs")  # inside a built wheel
+    for candidate in candidates:
+        if (candidate / "config.yaml").is_file():
+            return candidate.resolve()
+    tried = ", ".join(str(c) for c in candidates)
+    raise ConfigError(
+        f"no configs/config.yaml found (looked in {tried}); run from the project root "
+        f"or set {CONFIG_DIR_ENV}"
+    )
+
+
+def list_group_options(config_dir: Path, group: str) -> list[str]:
+    """The option names of one config group, e.g. ['digits', 'mnist', ...] for `data`."""
+    group_dir = config_dir / group
+    if not group_dir.is_dir():
+        return []
+    return sorted(p.stem for p in group_dir.glob("*.yaml"))
+
+
+_GROUP_OVERRIDE = re.compile(r"^[+~]?(?P<group>[A-Za-z_][\w/]*)=(?P<value>[^=]*)$")
+
+
+def check_group_choices(config_dir: Path, overrides: Sequence[str]) -> None:
+    """Fail early, naming the valid choices, when an override picks a missing group option."""
+    for override in overrides:
+        match = _GROUP_OVERRIDE.match(override)
+        if not match:
+            continue
+        group, value = match["group"], match["value"]
+        options = list_group_options(config_dir, group)
+        if options and value not in options and value != "null":
+            raise ConfigError(
+                f"unknown {group} '{value}' in override '{override}'; "
+                f"choose one of: {', '.join(options)}"
+            )
+
+
+def load_config(
+    overrides: Sequence[str] = (),
+    *,
+    config_name: str = "config",
+    config_dir: str | Path | None = None,
+) -> OpsloopConfig:
+    """Compose `configs/<config_name>.yaml` and overrides into a validated `OpsloopConfig`."""
+    from omegaconf import OmegaConf
+
+    cfg = compose_config(overrides, config_name=config_name, config_dir=config_dir)
+    try:
+        typed = OmegaConf.to_object(cfg)
+    except Exception as exc:  # omegaconf raises MissingMandatoryValue and ValidationError here
+        raise ConfigError(_one_line_config_error(exc)) from exc
+    if not isinstance(typed, OpsloopConfig):
+        raise ConfigError(f"configs/{config_name}.yaml does not use the opsloop_schema defaults")
+    validate_config(typed)
+    return typed
+
+
+def compose_config(
+    overrides: Sequence[str] = (),
+    *,
+    config_name: str = "config",
+    config_dir: str | Path | None = None,
+) -> Any:
+    """Compose the raw (DictConfig) config; errors become one-line `ConfigError`s."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    directory = find_config_dir(config_dir)
+    check_group_choices(directory, overrides)
+    register_configs()
+    try:
+        with initialize_config_dir(
+            config_dir=str(directory), version_base="1.3", job_name="opsloop"
+        ):
+            return compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        raise ConfigError(_one_line_config_error(exc)) from exc
+
+
+def _one_line_config_error(exc: BaseException) -> str:
+    """Condense Hydra/OmegaConf's multi-line, chained messages into one line naming the key."""
+    parts: list[str] = []
+    full_key = ""
+    cause: BaseException | None = exc
+    while cause is not None:  # the outer error names the override, the inner one the problem
+        lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+        if lines and lines[0] not in parts:
+            parts.append(lines[0])
+        full_key = next((ln for ln in lines if ln.startswith("full_key:")), full_key)
+        cause = cause.__cause__
+    detail = ": ".join(parts) or type(exc).__name__
+    if full_key:
+        detail += f" ({full_key})"
+    return f"bad configuration: {detail}; check the key and value (see configs/ for valid keys)"
+
+
+def validate_config(cfg: OpsloopConfig) -> None:
+    """Range checks that a type alone cannot express."""
+    data = cfg.data
+    for key, value in (("val_fraction", data.val_fraction), ("test_fraction", data.test_fraction)):
+        if not 0.0 < value < 1.0:
+            raise ConfigError(f"data.{key}={value} is out of range; use a fraction in (0, 1)")
+    if data.val_fraction + data.test_fraction >= 1.0:
+        raise ConfigError(
+            f"data.val_fraction + data.test_fraction = {data.val_fraction + data.test_fraction}"
+            " leaves no training data; keep their sum below 1"
+        )
+    if data.channels not in (1, 3):
+        raise ConfigError(f"data.channels={data.channels} is not supported; use 1 or 3")
+    if data.batch_size < 1:
+        raise ConfigError(f"data.batch_size={data.batch_size} must be at least 1")
+    if data.source not in ("digits", "idx", "imagefolder"):
+        raise ConfigError(
+            f"data.source='{data.source}' is unknown; use one of: digits, idx, imagefolder"
+        )
+    _check_choice("optim.optimizer", cfg.optim.optimizer, ("adamw", "adam", "sgd"))
+    _check_choice("optim.scheduler", cfg.optim.scheduler, ("cosine", "onecycle", "step", "none"))
+    _check_choice("logger.name", cfg.logger.name, ("mlflow", "wandb", "none"))
+    _check_choice("trainer.monitor_mode", cfg.trainer.monitor_mode, ("min", "max"))
+    _check_choice("sweep.direction", cfg.sweep.direction, ("minimize", "maximize"))
+    if cfg.trainer.profiler is not None:
+        _check_choice("trainer.profiler", cfg.trainer.profiler, ("simple", "advanced", "pytorch"))
+    for key, value in (("model.channels", cfg.model.channels), ("model.depth", cfg.model.depth)):
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be at least 1")
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        raise ConfigError(f"model.dropout={cfg.model.dropout} is out of range; use [0, 1)")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr={cfg.optim.lr} must be positive")
+
+
+def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}='{value}' is unknown; use one of: {', '.join(choices)}")
+
+
+def config_to_yaml(cfg: object) -> str:
+    """The resolved config as YAML, as saved beside every run and bundle."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_hash(cfg: object) -> str:
+    """A short, stable hash of a resolved config, recorded in lineage."""
+    return hashlib.sha256(config_to_yaml(cfg).encode()).hexdigest()[:16]
