@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from enum import StrEnum
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -60,13 +61,26 @@ def _root(
 
 def configure_logging(level: str) -> None:
     """Configure logging once, for the CLI process only (the library never configures it)."""
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-        force=True,
+    handler = CurrentStderrHandler()
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
     )
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+class CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever `sys.stderr` is at emit time (it may be swapped, e.g. by test capture)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass  # always follow sys.stderr
 
 
 @app.command("data")
