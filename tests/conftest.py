@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from opsloop.config import DataConfig
+from opsloop.config import DataConfig, ModelConfig, OptimConfig
+from opsloop.data import prepare_dataset, read_manifest
 from tests.support import CONFIG_DIR, make_config
+
+if TYPE_CHECKING:
+    from opsloop.export import ExportResult
 
 # Tools the tests drive must never phone home from a hermetic test run.
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -31,3 +36,59 @@ def workspace(tmp_path: Path) -> Path:
 @pytest.fixture
 def digits_cfg(workspace: Path) -> DataConfig:
     return make_config(workspace).data
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DataConfig]:
+    """A small CNN trained for a few epochs on digits, saved as a Lightning checkpoint."""
+    import lightning as L
+
+    from opsloop.data.datamodule import ProcessedDataModule
+    from opsloop.model import ImageClassifier
+
+    workspace = tmp_path_factory.mktemp("export")
+    data = make_config(workspace).data
+    prepare_dataset(data)
+    manifest = read_manifest(Path(data.processed_dir) / data.name)
+    L.seed_everything(0)
+    classifier = ImageClassifier.for_dataset(
+        ModelConfig(channels=8, depth=1, hidden=32, dropout=0.0),
+        OptimConfig(lr=0.01),
+        image_shape=manifest.image_shape,
+        class_names=manifest.class_names,
+        pixel_mean=manifest.pixel_mean,
+        pixel_std=manifest.pixel_std,
+        pixel_max=manifest.pixel_max,
+    )
+    trainer = L.Trainer(
+        max_epochs=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(classifier, ProcessedDataModule.from_config(data))
+    checkpoint = workspace / "model.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    return checkpoint, data
+
+
+@pytest.fixture(scope="session")
+def bundle(
+    trained: tuple[Path, DataConfig], tmp_path_factory: pytest.TempPathFactory
+) -> ExportResult:
+    from opsloop.export import export_bundle
+
+    checkpoint, data = trained
+    out = tmp_path_factory.mktemp("bundles") / "digits"
+    return export_bundle(
+        checkpoint,
+        data,
+        out,
+        model_name="digits",
+        model_version="3",
+        lineage={"run_id": "abc123", "git_commit": "deadbeef", "seed": 42},
+        metrics={"test/acc": 0.97},
+        evaluation={"per_class": [{"class": "0", "recall": 1.0}], "robustness": []},
+        quantize=True,
+    )

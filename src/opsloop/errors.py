@@ -42,3 +42,7 @@ class ModelNotFoundError(OpsloopError):
 
 class BundleError(OpsloopError):
     """A model bundle is incomplete, tampered with or does not match its checksum."""
+
+
+class ExportError(OpsloopError):
+    """An export failed its checks (e.g. ONNX parity with the torch model); nothing was written."""

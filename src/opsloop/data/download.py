@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from opsloop.atomic import sha256_file
 from opsloop.errors import DownloadError
 
 log = logging.getLogger(__name__)
@@ -35,15 +36,6 @@ class _RetryableError(Exception):
 
 class _MirrorFailedError(Exception):
     """This mirror cannot serve the file (4xx, or retries spent): go on to the next mirror."""
-
-
-def file_sha256(path: Path) -> str:
-    """The hex SHA-256 of a file, read in chunks so large files need little memory."""
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def download_file(
@@ -62,7 +54,7 @@ def download_file(
     or when a delivered file fails its checksum.
     """
     expected = sha256.strip().lower()
-    if dest.is_file() and file_sha256(dest) == expected:
+    if dest.is_file() and sha256_file(dest) == expected:
         log.debug("cache hit: %s", dest)
         return dest
     if not urls:

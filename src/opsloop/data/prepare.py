@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from opsloop import __version__
+from opsloop.atomic import sha256_file, staged_directory
 from opsloop.config import DataConfig
 from opsloop.data.raw import RawDataset
 from opsloop.data.sources import load_raw_dataset
@@ -176,34 +175,23 @@ def build_manifest(
 
 
 def write_dataset_atomically(target: Path, splits: dict[str, Split], manifest: Manifest) -> None:
-    """Write into a sibling temp dir, then swap it in: a crash keeps the previous dataset."""
-    parent = target.parent
-    staging = parent / f".{target.name}.staging-{os.getpid()}"
-    retired = parent / f".{target.name}.retired-{os.getpid()}"
+    """Write into a sibling staging dir, then swap it in: a crash keeps the previous dataset."""
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        files: dict[str, str] = {}
-        for name in SPLITS:
-            for kind, array in (("images", splits[name].images), ("labels", splits[name].labels)):
-                path = staging / f"{name}_{kind}.npy"
-                np.save(path, array, allow_pickle=False)
-                files[path.name] = _sha256_file(path)
-        final = Manifest(**{**asdict(manifest), "files": files})
-        (staging / MANIFEST_NAME).write_text(final.to_json())
-        if target.exists():
-            target.rename(retired)
-        staging.rename(target)
+        with staged_directory(target) as staging:
+            files: dict[str, str] = {}
+            for name in SPLITS:
+                split = splits[name]
+                for kind, array in (("images", split.images), ("labels", split.labels)):
+                    path = staging / f"{name}_{kind}.npy"
+                    np.save(path, array, allow_pickle=False)
+                    files[path.name] = sha256_file(path)
+            final = Manifest(**{**asdict(manifest), "files": files})
+            (staging / MANIFEST_NAME).write_text(final.to_json())
     except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        if retired.exists() and not target.exists():
-            retired.rename(target)  # put the previous good dataset back
         raise DataError(
             f"cannot write the dataset to {target}: {exc.strerror or exc}; "
             "make the directory writable or choose another data.processed_dir"
         ) from exc
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 def _existing_manifest(target: Path) -> Manifest | None:
@@ -223,17 +211,9 @@ def _files_match(target: Path) -> bool:
     if set(manifest.files) != expected:
         return False
     return all(
-        (target / name).is_file() and _sha256_file(target / name) == digest
+        (target / name).is_file() and sha256_file(target / name) == digest
         for name, digest in manifest.files.items()
     )
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def dataset_dir(cfg: DataConfig) -> Path:

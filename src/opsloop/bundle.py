@@ -1,0 +1,160 @@
+"""The model bundle: the contract between training and serving (torch-free).
+
+A bundle is a directory with `model.onnx`, `bundle.json` (what the model takes and returns, its
+classes, lineage, metrics and a SHA-256 of every other file), reference data for drift
+monitoring (`reference.npz`) and a generated `MODEL_CARD.md`. The serving side needs the bundle
+and nothing else; `load_bundle` verifies every checksum before anything uses the files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from opsloop.atomic import sha256_file
+from opsloop.errors import BundleError
+
+BUNDLE_JSON = "bundle.json"
+MODEL_FILE = "model.onnx"
+QUANTIZED_MODEL_FILE = "model.int8.onnx"
+REFERENCE_FILE = "reference.npz"
+MODEL_CARD = "MODEL_CARD.md"
+FORMAT_VERSION = 1
+
+
+class TensorSpec(BaseModel):
+    """One named tensor of the ONNX graph; -1 marks the dynamic batch axis."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    shape: list[int]
+    dtype: str = "float32"
+
+
+class Preprocessing(BaseModel):
+    """How to map an image file onto the model input: size, channels and pixel scale.
+
+    Normalisation (mean/std) happens inside the graph; it is recorded here for the model card.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    height: int
+    width: int
+    channels: int
+    pixel_max: float
+    mean: list[float]
+    std: list[float]
+    resize: str = "bilinear"
+    normalisation: str = "in-graph"
+
+
+class Lineage(BaseModel):
+    """Where the model came from: code, data, config and the training run."""
+
+    model_config = ConfigDict(extra="allow")
+
+    git_commit: str = "unknown"
+    git_dirty: bool | None = None
+    dataset_name: str = "unknown"
+    dataset_hash: str = "unknown"
+    config_hash: str = "unknown"
+    run_id: str | None = None
+    seed: int | None = None
+
+
+class BundleManifest(BaseModel):
+    """The content of `bundle.json`."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    format_version: int = FORMAT_VERSION
+    model_name: str
+    model_version: str | None = None
+    created_at: str
+    model_file: str = MODEL_FILE
+    input: TensorSpec
+    outputs: dict[str, TensorSpec]
+    preprocessing: Preprocessing
+    class_names: list[str]
+    lineage: Lineage = Field(default_factory=Lineage)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    quantization: dict[str, Any] | None = None
+    opsloop_version: str
+    files: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+class Bundle:
+    """A verified bundle on disk: its manifest and the paths of its files."""
+
+    def __init__(self, path: Path, manifest: BundleManifest) -> None:
+        self.path = path
+        self.manifest = manifest
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / self.manifest.model_file
+
+    @property
+    def reference_path(self) -> Path:
+        return self.path / REFERENCE_FILE
+
+    def load_reference(self) -> dict[str, npt.NDArray[Any]]:
+        """The drift reference arrays (images, embeddings, probabilities, labels)."""
+        if REFERENCE_FILE not in self.manifest.files:
+            raise BundleError(
+                f"bundle {self.path} has no reference data; re-export it with `opsloop export`"
+            )
+        with np.load(self.reference_path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Read `bundle.json` and verify every file it lists; any problem is a one-line BundleError."""
+    directory = Path(path)
+    manifest = read_bundle_manifest(directory)
+    if manifest.model_file not in manifest.files:
+        raise BundleError(f"{directory / BUNDLE_JSON} lists no checksum for {manifest.model_file}")
+    for name, expected in manifest.files.items():
+        verify_file(directory / name, expected)
+    return Bundle(directory, manifest)
+
+
+def read_bundle_manifest(directory: Path) -> BundleManifest:
+    """Parse and validate `bundle.json` without checking the other files."""
+    manifest_path = directory / BUNDLE_JSON
+    if not directory.is_dir():
+        raise BundleError(
+            f"bundle directory {directory} does not exist; create it with `opsloop export`"
+        )
+    if not manifest_path.is_file():
+        raise BundleError(f"bundle {directory} has no {BUNDLE_JSON}; re-export it")
+    try:
+        return BundleManifest.model_validate_json(manifest_path.read_bytes())
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise BundleError(
+            f"{manifest_path} is invalid at '{where}': {first['msg']}; re-export the bundle"
+        ) from exc
+
+
+def verify_file(path: Path, expected_sha256: str) -> None:
+    """Fail unless `path` exists with the recorded checksum."""
+    if not path.is_file():
+        raise BundleError(f"bundle file {path} is missing; re-export the bundle")
+    actual = sha256_file(path)
+    if actual != expected_sha256:
+        raise BundleError(
+            f"bundle file {path} fails its checksum (expected {expected_sha256[:12]}…, got "
+            f"{actual[:12]}…): it was changed or truncated; re-export the bundle"
+        )
