@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from opsloop.bundle import load_bundle
+from opsloop.bundle import load_bundle, onnx_session, run_onnx
 from opsloop.config import DataConfig
 from opsloop.data import load_split
 from opsloop.errors import DataError, ExportError
-from opsloop.export import ExportResult, export_bundle, onnx_session, run_onnx
+from opsloop.export import ExportResult, export_bundle
 from opsloop.model import load_classifier
 
 

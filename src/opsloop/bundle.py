@@ -24,6 +24,9 @@ QUANTIZED_MODEL_FILE = "model.int8.onnx"
 REFERENCE_FILE = "reference.npz"
 MODEL_CARD = "MODEL_CARD.md"
 FORMAT_VERSION = 1
+INPUT_NAME = "pixels"
+OUTPUT_NAMES = ("probabilities", "embedding", "logits")
+ONNX_BATCH = 256
 
 
 class TensorSpec(BaseModel):
@@ -158,3 +161,26 @@ def verify_file(path: Path, expected_sha256: str) -> None:
             f"bundle file {path} fails its checksum (expected {expected_sha256[:12]}…, got "
             f"{actual[:12]}…): it was changed or truncated; re-export the bundle"
         )
+
+
+def onnx_session(path: Path, *, threads: int = 0) -> Any:
+    """An ONNX Runtime CPU session with full graph optimisation (0 threads: ORT decides)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session: Any, images: npt.NDArray[Any]) -> dict[str, npt.NDArray[np.float32]]:
+    """All outputs for `images`, in batches."""
+    chunks: dict[str, list[npt.NDArray[np.float32]]] = {name: [] for name in OUTPUT_NAMES}
+    for start in range(0, len(images), ONNX_BATCH):
+        batch = images[start : start + ONNX_BATCH].astype(np.float32)
+        for name, value in zip(
+            OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch}), strict=True
+        ):
+            chunks[name].append(value)
+    return {name: np.concatenate(values) for name, values in chunks.items()}

@@ -27,14 +27,19 @@ from opsloop import __version__
 from opsloop.atomic import sha256_file, staged_directory
 from opsloop.bundle import (
     BUNDLE_JSON,
+    INPUT_NAME,
     MODEL_CARD,
     MODEL_FILE,
+    ONNX_BATCH,
+    OUTPUT_NAMES,
     QUANTIZED_MODEL_FILE,
     REFERENCE_FILE,
     BundleManifest,
     Lineage,
     Preprocessing,
     TensorSpec,
+    onnx_session,
+    run_onnx,
 )
 from opsloop.config import DataConfig
 from opsloop.data import Manifest, dataset_dir, load_split, read_manifest
@@ -43,10 +48,7 @@ from opsloop.model import ConvNet, load_classifier
 
 logger = logging.getLogger(__name__)
 
-INPUT_NAME = "pixels"
-OUTPUT_NAMES = ("probabilities", "embedding", "logits")
 PARITY_TOLERANCE = 1e-4
-BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -184,31 +186,11 @@ def export_onnx(net: Any, image_shape: Sequence[int], path: Path) -> None:
         program.save(str(path), external_data=False)
 
 
-def onnx_session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def run_onnx(session: Any, images: npt.NDArray[Any]) -> dict[str, npt.NDArray[np.float32]]:
-    """All outputs for `images`, in batches."""
-    chunks: dict[str, list[npt.NDArray[np.float32]]] = {name: [] for name in OUTPUT_NAMES}
-    for start in range(0, len(images), BATCH):
-        batch = images[start : start + BATCH].astype(np.float32)
-        for name, value in zip(
-            OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch}), strict=True
-        ):
-            chunks[name].append(value)
-    return {name: np.concatenate(values) for name, values in chunks.items()}
-
-
 def torch_logits(net: Any, images: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
     outputs = []
     with torch.inference_mode():
-        for start in range(0, len(images), BATCH):
-            batch = torch.from_numpy(images[start : start + BATCH].astype(np.float32))
+        for start in range(0, len(images), ONNX_BATCH):
+            batch = torch.from_numpy(images[start : start + ONNX_BATCH].astype(np.float32))
             outputs.append(net(batch).numpy())
     return np.concatenate(outputs)
 
