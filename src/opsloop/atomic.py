@@ -11,7 +11,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -40,17 +40,26 @@ def staged_directory(target: Path) -> Iterator[Path]:
     shutil.rmtree(retired, ignore_errors=True)
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write a text file via a temp file and a rename: readers never see half a file."""
+def replace_atomically(path: Path, write: Callable[[Path], object]) -> Path:
+    """Have `write` fill a temp file beside `path`, then rename it over `path`.
+
+    Readers never see half a file, and a failed write leaves the old file (or none).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
     try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
+        write(Path(temp))
+        Path(temp).chmod(0o644)  # mkstemp's 0600 would hide the file from other users
         Path(temp).replace(path)
-    except BaseException:
+    finally:
         Path(temp).unlink(missing_ok=True)
-        raise
+    return path
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write a text file via a temp file and a rename."""
+    replace_atomically(path, lambda temp: temp.write_text(text))
 
 
 def sha256_file(path: Path) -> str:

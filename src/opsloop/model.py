@@ -8,6 +8,7 @@ monitoring. Import this module only where torch is wanted (training, evaluation,
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -138,7 +139,9 @@ class ImageClassifier(L.LightningModule):
         pixel_max: float,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # Saved into checkpoints, not sent to the logger: training logs the whole resolved
+        # config as params itself, under the config's own key names.
+        self.save_hyperparameters(logger=False)
         self.model_cfg = ModelConfig(**model)
         self.optim_cfg = OptimConfig(**optim)
         self.class_names = list(class_names)
@@ -199,7 +202,16 @@ class ImageClassifier(L.LightningModule):
         logits = self(images)
         loss: Tensor = self.loss_fn(logits, labels)
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True)
+        # Under DDP each process sees a shard: average val/test losses across processes so
+        # checkpointing and early stopping decide alike everywhere (torchmetrics sync themselves).
+        self.log(
+            f"{stage}/loss",
+            loss,
+            prog_bar=True,
+            on_step=on_step,
+            on_epoch=True,
+            sync_dist=not on_step,
+        )
         for name in ("acc", "f1"):
             metric = cast(torchmetrics.Metric, self.metrics[f"{stage}_{name}"])
             metric(logits, labels)
@@ -279,7 +291,15 @@ def load_classifier(path: str | Path) -> ImageClassifier:
         classifier = ImageClassifier.load_from_checkpoint(
             checkpoint, map_location="cpu", weights_only=True
         )
-    except (RuntimeError, KeyError, TypeError, ValueError, EOFError, OSError) as exc:
+    except (
+        pickle.UnpicklingError,  # torch's weights_only loader refuses garbage and foreign pickles
+        RuntimeError,
+        KeyError,
+        TypeError,
+        ValueError,
+        EOFError,
+        OSError,
+    ) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"cannot load checkpoint {checkpoint}: {first_line}; "
