@@ -46,3 +46,7 @@ class BundleError(OpsloopError):
 
 class ExportError(OpsloopError):
     """An export failed its checks (e.g. ONNX parity with the torch model); nothing was written."""
+
+
+class MonitorError(OpsloopError):
+    """A drift check cannot run: the window is empty or too small, or the log cannot be read."""
