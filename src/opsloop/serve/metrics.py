@@ -1,0 +1,151 @@
+"""Prometheus metrics of the inference server, correct with one worker or several.
+
+With several uvicorn workers, `PROMETHEUS_MULTIPROC_DIR` must name an empty directory before the
+workers start (`opsloop serve` does this); each process then writes its samples there and
+`/metrics` aggregates them all, whichever worker answers the scrape. Label children used on the
+hot path are cached, so recording a request costs a few dictionary look-ups.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+INFERENCE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+class ServeMetrics:
+    """Every metric the server exports, registered in a private registry per app."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        registry = self.registry
+        self.requests = Counter(
+            "opsloop_requests",
+            "HTTP requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "opsloop_request_latency_seconds",
+            "Request latency inside the server",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "opsloop_batch_size",
+            "Rows per ONNX Runtime call (micro-batching)",
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.inference = Histogram(
+            "opsloop_inference_seconds",
+            "Seconds per ONNX Runtime call",
+            buckets=INFERENCE_BUCKETS,
+            registry=registry,
+        )
+        self.model_info = Gauge(
+            "opsloop_model_info",
+            "The served model: 1 for the version being served",
+            ["model_name", "model_version"],
+            multiprocess_mode="livemax",
+            registry=registry,
+        )
+        self.predictions = Counter(
+            "opsloop_predictions",
+            "Predictions by predicted class",
+            ["class_name"],
+            registry=registry,
+        )
+        self.confidence = Histogram(
+            "opsloop_prediction_confidence",
+            "Probability of the predicted class",
+            buckets=CONFIDENCE_BUCKETS,
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "opsloop_rejected_inputs",
+            "Requests rejected as bad input, by reason",
+            ["endpoint", "reason"],
+            registry=registry,
+        )
+        self.reloads = Counter(
+            "opsloop_model_reloads", "Model (re)loads by outcome", ["outcome"], registry=registry
+        )
+        self.predlog_rows = Counter(
+            "opsloop_predlog_rows", "Rows written to the prediction log", registry=registry
+        )
+        self._request_children: dict[tuple[str, int], Any] = {}
+        self._latency_children: dict[str, Any] = {}
+        self._class_children: dict[str, Any] = {}
+
+    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+        key = (endpoint, status)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.requests.labels(endpoint, str(status))
+        child.inc()
+        latency = self._latency_children.get(endpoint)
+        if latency is None:
+            latency = self._latency_children[endpoint] = self.latency.labels(endpoint)
+        latency.observe(seconds)
+
+    def observe_batch(self, rows: int, seconds: float) -> None:
+        self.batch_size.observe(rows)
+        self.inference.observe(seconds)
+
+    def observe_predictions(
+        self, probabilities: npt.NDArray[np.float32], class_names: Sequence[str]
+    ) -> None:
+        """Count predicted classes and record each prediction's confidence."""
+        labels = probabilities.argmax(axis=1)
+        for label, confidence in zip(
+            labels.tolist(), probabilities.max(axis=1).tolist(), strict=True
+        ):
+            name = class_names[label]
+            child = self._class_children.get(name)
+            if child is None:
+                child = self._class_children[name] = self.predictions.labels(name)
+            child.inc()
+            self.confidence.observe(confidence)
+
+    def reject(self, endpoint: str, reason: str) -> None:
+        self.rejected.labels(endpoint, reason).inc()
+
+    def model_loaded(self, name: str, version: str, previous: tuple[str, str] | None) -> None:
+        if previous is not None and previous != (name, version):
+            self.model_info.labels(*previous).set(0)
+        self.model_info.labels(name, version).set(1)
+        self.reloads.labels("loaded").inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text: this process's registry, or every worker's in multiprocess mode."""
+        directory = multiprocess_dir()
+        if directory is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST

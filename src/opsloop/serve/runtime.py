@@ -1,0 +1,136 @@
+"""ONNX Runtime in process: a verified bundle -> a tuned inference session (torch-free).
+
+The session runs exactly the bytes whose SHA-256 `bundle.json` records (read once, checked, then
+handed to ONNX Runtime), so a bundle replaced mid-load can never be half-served. Graph
+optimisation is at its highest level and the thread counts are explicit: with one session per
+worker process and one worker per core, one intra-op thread avoids oversubscribing the CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from opsloop.bundle import Bundle, load_bundle
+from opsloop.errors import BundleError
+from opsloop.serve.protocol import EMBEDDING_OUTPUT, PROBABILITIES_OUTPUT, ModelSignature
+
+logger = logging.getLogger(__name__)
+
+RUN_OUTPUTS = [PROBABILITIES_OUTPUT, EMBEDDING_OUTPUT]
+
+
+@dataclass(frozen=True)
+class SessionTuning:
+    """ONNX Runtime's CPU knobs; 0 threads lets ONNX Runtime pick (all cores)."""
+
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+
+
+class OnnxModel:
+    """One loaded bundle: its manifest, signature and ONNX Runtime session."""
+
+    def __init__(self, bundle: Bundle, session: ort.InferenceSession, model_sha256: str) -> None:
+        self.bundle = bundle
+        self.session = session
+        self.model_sha256 = model_sha256
+        manifest = bundle.manifest
+        self.signature = ModelSignature(
+            name=manifest.model_name,
+            version=manifest.model_version or f"sha-{model_sha256[:12]}",
+            input_name=manifest.input.name,
+            item_shape=tuple(manifest.input.shape[1:]),
+            class_names=tuple(manifest.class_names),
+            embedding_size=manifest.outputs[EMBEDDING_OUTPUT].shape[-1],
+        )
+        self._feed_name = manifest.input.name
+
+    @property
+    def version(self) -> str:
+        return self.signature.version
+
+    def predict(
+        self, pixels: npt.NDArray[np.float32]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """Probabilities and embeddings for a (rows, C, H, W) float32 batch."""
+        probabilities, embedding = self.session.run(RUN_OUTPUTS, {self._feed_name: pixels})
+        return probabilities, embedding
+
+    def warm(self, max_batch_size: int) -> None:
+        """Run the batch sizes the server will use, so the first requests pay no set-up cost."""
+        for rows in sorted({1, max(1, max_batch_size // 2), max_batch_size}):
+            self.predict(np.zeros((rows, *self.signature.item_shape), dtype=np.float32))
+
+
+def session_options(tuning: SessionTuning) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = tuning.intra_op_threads
+    options.inter_op_num_threads = tuning.inter_op_threads
+    options.log_severity_level = 3  # errors only: its warnings are noise on every load
+    return options
+
+
+def load_model(path: str | Path, tuning: SessionTuning | None = None) -> OnnxModel:
+    """Load and verify a bundle directory into an ONNX Runtime session; BundleError if unusable."""
+    bundle = load_bundle(path)
+    check_signature(bundle)
+    model_bytes = bundle.model_path.read_bytes()
+    sha256 = hashlib.sha256(model_bytes).hexdigest()
+    if sha256 != bundle.manifest.files[bundle.manifest.model_file]:
+        raise BundleError(
+            f"bundle file {bundle.model_path} changed while loading; retry once the bundle is "
+            "fully written"
+        )
+    try:
+        session = ort.InferenceSession(
+            model_bytes, session_options(tuning or SessionTuning()), ["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # ONNX Runtime raises its own untyped errors for a bad graph
+        raise BundleError(
+            f"ONNX Runtime cannot load {bundle.model_path}: {_first_line(exc)}; re-export it"
+        ) from exc
+    check_session(session, bundle)
+    logger.info(
+        "loaded %s v%s from %s",
+        bundle.manifest.model_name,
+        bundle.manifest.model_version or "?",
+        bundle.path,
+    )
+    return OnnxModel(bundle, session, sha256)
+
+
+def check_signature(bundle: Bundle) -> None:
+    """The manifest must declare what the server relies on: a batched input and both outputs."""
+    manifest = bundle.manifest
+    missing = [name for name in RUN_OUTPUTS if name not in manifest.outputs]
+    if missing or len(manifest.input.shape) < 2 or manifest.input.shape[0] != -1:
+        raise BundleError(
+            f"bundle {bundle.path} needs a dynamic-batch input and outputs {RUN_OUTPUTS} "
+            f"(has input shape {manifest.input.shape}, outputs {sorted(manifest.outputs)}); "
+            "re-export it with `opsloop export`"
+        )
+
+
+def check_session(session: ort.InferenceSession, bundle: Bundle) -> None:
+    """The graph itself must match its manifest's names."""
+    inputs = [node.name for node in session.get_inputs()]
+    outputs = {node.name for node in session.get_outputs()}
+    if inputs != [bundle.manifest.input.name] or not set(RUN_OUTPUTS) <= outputs:
+        raise BundleError(
+            f"{bundle.model_path} has inputs {inputs} and outputs {sorted(outputs)}, not what "
+            f"{bundle.path / 'bundle.json'} declares; re-export the bundle"
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

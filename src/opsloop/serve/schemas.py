@@ -1,0 +1,112 @@
+"""Pydantic models that document the HTTP API in the OpenAPI schema (`/docs`) — docs only.
+
+Requests are never validated through these: the hot path parses with orjson in
+`opsloop.serve.protocol`, and routes return ready-made responses. They exist so `/docs` shows
+what each endpoint takes and returns.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(examples=["input shape [1, 8] does not match the model's ['N', 1, 8, 8]"])
+
+
+class InferInputTensor(BaseModel):
+    name: str = Field(examples=["pixels"])
+    shape: list[int] = Field(examples=[[1, 1, 8, 8]])
+    datatype: str = Field(examples=["FP32"])
+    data: list[Any] | None = Field(
+        None, description="Row-major values, flat or nested; omit with the binary extension"
+    )
+    parameters: dict[str, Any] | None = Field(None, examples=[{"binary_data_size": 256}])
+
+
+class InferRequestedOutput(BaseModel):
+    name: str = Field(examples=["probabilities"], description="probabilities, label or embedding")
+    parameters: dict[str, Any] | None = Field(None, examples=[{"binary_data": False}])
+
+
+class InferRequest(BaseModel):
+    """An Open Inference Protocol (V2) infer request: one input tensor of raw pixels."""
+
+    model_config = ConfigDict(json_schema_extra={"title": "InferRequest"})
+
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[InferInputTensor]
+    outputs: list[InferRequestedOutput] | None = Field(
+        None, description="Defaults to probabilities and label"
+    )
+
+
+class InferOutputTensor(BaseModel):
+    name: str = Field(examples=["label"])
+    shape: list[int] = Field(examples=[[1]])
+    datatype: str = Field(examples=["INT64"])
+    data: list[Any] | None = Field(None, examples=[[3]])
+    parameters: dict[str, Any] | None = None
+
+
+class InferResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_name: str = Field(examples=["digits"])
+    model_version: str = Field(examples=["3"])
+    id: str
+    outputs: list[InferOutputTensor]
+
+
+class PredictResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    request_id: str
+    model_name: str = Field(examples=["digits"])
+    model_version: str = Field(examples=["3"])
+    label: int = Field(examples=[3])
+    class_name: str = Field(examples=["3"])
+    confidence: float = Field(examples=[0.98])
+    probabilities: dict[str, float] = Field(description="Probability of every class, by name")
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+    parameters: dict[str, Any]
+
+
+class Liveness(BaseModel):
+    live: bool
+
+
+class Readiness(BaseModel):
+    ready: bool
+    error: str | None = None
+
+
+class ReloadResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    reloaded: bool
+    model_name: str
+    model_version: str
+    previous_version: str | None

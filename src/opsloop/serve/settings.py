@@ -1,0 +1,132 @@
+"""Serving settings from `OPSLOOP_*` environment variables (pydantic-settings), checked at start-up.
+
+With nothing set, `opsloop serve` serves the local registry's `champion` of model `digits-cnn` on
+127.0.0.1:8000 and logs every prediction to `<workspace>/predictions.db`. Set `OPSLOOP_BUNDLE_PATH`
+to serve an exported bundle directory instead. A bad value fails start-up with one line naming the
+variable and how to fix it.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from opsloop.errors import ConfigError
+
+ENV_PREFIX = "OPSLOOP_"
+PREDLOG_OFF = "none"
+
+# What to tell the user when a variable is rejected, beyond pydantic's own reason.
+HINTS = {
+    "port": "use a TCP port between 1 and 65535",
+    "workers": "use 1 or more worker processes (about one per CPU core)",
+    "max_batch_size": "use 1 (no batching) up to 1024",
+    "max_batch_wait_ms": "use 0 (only batch what is already queued) up to 1000",
+    "max_payload_bytes": "use a byte count of at least 1024",
+    "max_request_rows": "use 1 or more rows per request",
+    "predlog_url": f"use a SQLAlchemy URL such as sqlite:///predictions.db, or '{PREDLOG_OFF}'",
+    "reload_poll_seconds": "use 0 (never poll) or a positive number of seconds",
+    "log_level": "use one of debug, info, warning, error",
+}
+
+
+class ServeSettings(BaseSettings):
+    """Everything `opsloop serve` can be told, each field read from `OPSLOOP_<FIELD>`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", protected_namespaces=(), frozen=True
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    workers: int = Field(1, ge=1, le=64)
+    workspace: Path = Path()
+    # Which model: an exported bundle directory, else the registry's `model_name@model_alias`.
+    bundle_path: Path | None = None
+    model_name: str = Field("digits-cnn", min_length=1)
+    model_alias: str = Field("champion", min_length=1)
+    # Micro-batching: requests queued within `max_batch_wait_ms` share one ONNX Runtime call.
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    max_batch_wait_ms: float = Field(0.0, ge=0, le=1000)
+    max_payload_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_request_rows: int = Field(1024, ge=1)
+    # Prediction log: a SQLAlchemy URL; None means SQLite in the workspace, "none" switches it off.
+    predlog_url: str | None = None
+    predlog_batch_rows: int = Field(512, ge=1)
+    predlog_flush_ms: float = Field(200, gt=0)
+    admin_token: SecretStr | None = None
+    access_log: bool = False
+    # ONNX Runtime runs in a thread beside the event loop (true), or on the loop itself (false:
+    # less overhead for a tiny model when every core already runs a worker).
+    inference_thread: bool = True
+    ort_intra_op_threads: int = Field(1, ge=0, le=256)
+    ort_inter_op_threads: int = Field(1, ge=0, le=256)
+    reload_poll_seconds: float = Field(5.0, ge=0)
+    # Prometheus multiprocess directory for several workers; None picks a fresh temporary one.
+    metrics_dir: Path | None = None
+    log_level: str = "info"
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.lower() not in {"debug", "info", "warning", "error"}:
+            raise ValueError(f"unknown log level {value!r}")
+        return value.lower()
+
+    @field_validator("predlog_url")
+    @classmethod
+    def _parsable_url(cls, value: str | None) -> str | None:
+        if value is None or value == PREDLOG_OFF:
+            return value
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            make_url(value)
+        except ArgumentError as exc:
+            raise ValueError(f"not a database URL: {exc}") from None
+        return value
+
+    @property
+    def predlog_enabled(self) -> bool:
+        return self.predlog_url != PREDLOG_OFF
+
+    def resolved_predlog_url(self) -> str:
+        """The prediction-log URL, defaulting to SQLite beside the workspace's other stores."""
+        if self.predlog_url is not None:
+            return self.predlog_url
+        return f"sqlite:///{self.workspace.expanduser().resolve() / 'predictions.db'}"
+
+    def describe_source(self) -> str:
+        """Where the served model comes from, for logs and messages."""
+        if self.bundle_path is not None:
+            return f"bundle {self.bundle_path}"
+        return f"registry model {self.model_name}@{self.model_alias}"
+
+
+def load_settings(**overrides: Any) -> ServeSettings:
+    """Read `OPSLOOP_*` (explicit `overrides` win) and validate, or raise a one-line ConfigError."""
+    try:
+        return ServeSettings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(settings_error_message(exc)) from exc
+
+
+def settings_error_message(exc: ValidationError) -> str:
+    """The first problem as `OPSLOOP_X='value' is invalid: reason; hint`."""
+    first = exc.errors()[0]
+    field = str(first["loc"][0]) if first["loc"] else "?"
+    value = first.get("input")
+    reason = first["msg"].removeprefix("Value error, ")
+    hint = HINTS.get(field, "fix or unset it")
+    return f"{ENV_PREFIX}{field.upper()}={value!r} is invalid: {reason}; {hint}"
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> ServeSettings:
+    """The process's settings, read once from the environment."""
+    return load_settings()
