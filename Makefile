@@ -9,7 +9,8 @@ RUN := $(UV) run --no-sync
 export DVC_NO_ANALYTICS := 1
 export MPLBACKEND := Agg
 
-.PHONY: help uv install run data test test-fast lint format typecheck docs docs-serve clean
+.PHONY: help uv install run repro data test test-fast lint format typecheck docs docs-serve clean
+.PHONY: mlflow-ui
 
 help: ## List the targets.
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -22,11 +23,18 @@ uv: ## Install uv with pip when it is missing.
 install: uv ## Create .venv from uv.lock exactly (all extras, dev and docs tools).
 	$(UV) sync --locked --all-extras
 
-run: install ## Install, then run the main job on embedded defaults.
-	$(RUN) opsloop data
+run: install ## Install, then run the whole loop on embedded defaults: data to a served bundle.
+	$(RUN) opsloop pipeline
+
+repro: install ## Rebuild the DVC pipeline's stages that changed (dvc repro).
+	$(RUN) dvc repro
 
 data: install ## Prepare the default dataset (pass overrides with ARGS="data=mnist").
 	$(RUN) opsloop data $(ARGS)
+
+mlflow-ui: install ## Browse tracked runs: the MLflow UI over ./mlflow.db on http://127.0.0.1:5000.
+	$(RUN) mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+		--default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port 5000
 
 lint: install ## Ruff lint and format check.
 	$(RUN) ruff check .

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 # Tools the tests drive must never phone home from a hermetic test run.
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Tiny models on a small, shared CPU: one torch thread is many times faster than several
+# contending ones (measured in docs/training.md). Set before torch is first imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture

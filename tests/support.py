@@ -20,3 +20,27 @@ def make_config(workspace: Path, *overrides: str) -> OpsloopConfig:
         ],
         config_dir=CONFIG_DIR,
     )
+
+
+def prepare_digits(processed_dir: Path) -> Path:
+    """Prepare the digits dataset into `processed_dir` (once per module is plenty)."""
+    from opsloop.data import prepare_dataset
+
+    return prepare_dataset(
+        load_config([f"data.processed_dir={processed_dir}"], config_dir=CONFIG_DIR).data
+    ).path
+
+
+def tiny_train_config(workspace: Path, processed_dir: Path, *overrides: str) -> OpsloopConfig:
+    """`experiment=tiny` on prepared digits: runs, checkpoints and the MLflow store in `workspace`.
+
+    Logging the MLflow model is off unless a test asks for it (it costs seconds).
+    """
+    return make_config(
+        workspace,
+        "experiment=tiny",
+        f"workspace={workspace}",
+        f"data.processed_dir={processed_dir}",
+        "logger.log_model=false",
+        *overrides,
+    )

@@ -11,13 +11,18 @@ import logging
 import sys
 from collections.abc import Sequence
 from enum import StrEnum
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 
 from opsloop import __version__
-from opsloop.errors import OpsloopError
+from opsloop.errors import ConfigError, OpsloopError
+
+if TYPE_CHECKING:
+    from opsloop.config import OpsloopConfig
+    from opsloop.export import ExportResult
 
 logger = logging.getLogger("opsloop")
 
@@ -27,6 +32,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help text: option help may say "[default: ...]", which Rich markup would swallow.
+    rich_markup_mode=None,
 )
 console = Console()
 
@@ -103,6 +110,511 @@ def data_command(
             "content hash": result.content_hash,
             "status": "written" if result.written else "up to date, nothing rewritten",
         },
+    )
+
+
+@app.command("evaluate")
+def evaluate_command(
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDES_HELP),
+    run_id: str | None = typer.Option(
+        None,
+        "--run-id",
+        help="Evaluate this MLflow run's best checkpoint and log the report to it.",
+    ),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="Evaluate this checkpoint file (.ckpt)."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Report directory [default: <workspace>/outputs/eval/<run or stem>]."
+    ),
+    split: str = typer.Option("test", "--split", help="The split to evaluate: train, val, test."),
+) -> None:
+    """Evaluate a model: metrics, calibration, robustness to corruptions, plots."""
+    if (run_id is None) == (checkpoint is None):
+        raise ConfigError(
+            "give exactly one of --run-id or --checkpoint (see 'opsloop evaluate --help')"
+        )
+    from opsloop.config import load_config
+    from opsloop.evaluate import default_out_dir, evaluate_model, evaluate_run
+
+    cfg = load_config(overrides or [])
+    if checkpoint is not None:
+        name = checkpoint.stem
+        out_dir = out or default_out_dir(cfg.workspace, cfg.output_dir, name)
+        result = evaluate_model(checkpoint, cfg.data, out_dir=out_dir, seed=cfg.seed, split=split)
+    else:
+        assert run_id is not None  # exactly one of the two was given (checked above)
+        name = run_id
+        out_dir = out or default_out_dir(cfg.workspace, cfg.output_dir, name)
+        result = evaluate_run(
+            run_id,
+            cfg.data,
+            cfg.logger,
+            workspace=Path(cfg.workspace),
+            out_dir=out_dir,
+            seed=cfg.seed,
+            split=split,
+        )
+    worst = result.worst_corruption
+    print_fields(
+        f"evaluation of {name} on {cfg.data.name}/{split}",
+        {
+            "accuracy": f"{result.metrics['accuracy']:.4f}",
+            "macro-F1": f"{result.metrics['macro_f1']:.4f}",
+            "ECE": f"{result.metrics['ece']:.4f}",
+            "worst corruption": f"{worst['corruption']} severity {worst['severity']}: "
+            f"accuracy {worst['accuracy']:.4f} ({worst['delta']:+.4f})",
+            "report": str(result.out_dir),
+            **({"logged to run": run_id} if run_id is not None else {}),
+        },
+    )
+
+
+@app.command("train")
+def train_command(
+    overrides: list[str] | None = typer.Argument(
+        None, help="Hydra overrides, e.g. model=cnn_small trainer.max_epochs=5 logger=none"
+    ),
+) -> None:
+    """Train a model on a prepared dataset and track the run (MLflow in ./mlflow.db by default)."""
+    from opsloop.config import load_config
+    from opsloop.train import train_model
+
+    cfg = load_config(overrides or [])
+    result = train_model(cfg)
+    if not result.is_global_zero:
+        return  # the extra DDP processes: the launching process reports the run
+    metrics = result.metrics
+    print_fields(
+        "trained",
+        {
+            "run id": result.run_id or "- (logger=none)",
+            "run dir": str(result.run_dir),
+            "best checkpoint": str(result.best_checkpoint),
+            "test acc": f"{metrics.get('test/acc', float('nan')):.4f}",
+            "test f1": f"{metrics.get('test/f1', float('nan')):.4f}",
+            "seconds": f"{result.seconds:.1f}",
+            "tracking": result.tracking_uri or "- (logger=none)",
+        },
+    )
+
+
+@app.command("sweep")
+def sweep_command(
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDES_HELP),
+    n_trials: int | None = typer.Option(
+        None,
+        "--n-trials",
+        "-n",
+        min=1,
+        help="Trials this worker runs (default: sweep.n_trials). Workers sharing "
+        "sweep.storage join one study.",
+    ),
+) -> None:
+    """Tune hyperparameters with Optuna; save the best as configs/experiment/sweep_<study>.yaml."""
+    import optuna
+
+    from opsloop.config import load_config
+    from opsloop.sweep import run_sweep
+
+    # One log format: Optuna's per-trial lines go through the CLI's handler, not their own.
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+    cfg = load_config(overrides or [])
+    result = run_sweep(cfg, n_trials=n_trials)
+    print_fields(
+        f"study {result.study_name}",
+        {
+            "best value": f"{result.metric}={result.best_value:.6g} "
+            f"({result.direction}, trial {result.best_trial})",
+            "best params": ", ".join(f"{k}={_short(v)}" for k, v in result.best_params.items()),
+            "trials": f"{result.n_complete} complete, {result.n_pruned} pruned",
+            "storage": result.storage,
+            "parent run": result.parent_run_id or "none (logger=none)",
+            "best config": str(result.best_config_path),
+            "train it": f"opsloop train experiment=sweep_{result.study_name}",
+            "trials table": str(result.trials_csv),
+            "time": f"{result.seconds:.1f} s",
+        },
+    )
+
+
+@app.command("config")
+def config_command(
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDES_HELP),
+    out: Path | None = typer.Option(
+        None, "--out", help="Write the YAML here (e.g. params.yaml for DVC) instead of printing."
+    ),
+) -> None:
+    """Show the resolved config that a stage would run with."""
+    from opsloop.atomic import write_text_atomically
+    from opsloop.config import config_to_yaml, load_config
+
+    text = config_to_yaml(load_config(overrides or []))
+    if out is None:
+        console.print(text, soft_wrap=True, highlight=False, markup=False, end="")
+        return
+    header = "# Generated by `opsloop config` from configs/: edit those, not this file.\n"
+    write_text_atomically(out, header + text)
+
+
+@app.command("register")
+def register_command(
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDES_HELP),
+    run_id: str = typer.Option(..., "--run-id", help="The training run whose model to register."),
+    model: str | None = typer.Option(
+        None, "--model", help="Registered model name [default: registry.model_name]."
+    ),
+    alias: str = typer.Option("challenger", "--alias", help="Alias to point at the new version."),
+) -> None:
+    """Register a run's model as a new version (alias `challenger`) in the MLflow registry."""
+    from opsloop.config import load_config
+    from opsloop.registry import register_model
+    from opsloop.tracking import resolve_tracking_uri
+
+    cfg = load_config(overrides or [])
+    uri = resolve_tracking_uri(cfg.logger, Path(cfg.workspace))
+    info = register_model(run_id, model or cfg.registry.model_name, uri, alias=alias or None)
+    print_fields(
+        f"registered {info.name} v{info.version}",
+        {"run id": run_id, "aliases": ", ".join(info.aliases) or "-", "registry": uri},
+    )
+
+
+@app.command("promote")
+def promote_command(
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDES_HELP),
+    model: str | None = typer.Option(
+        None, "--model", help="Registered model name [default: registry.model_name]."
+    ),
+    version: str | None = typer.Option(
+        None, "--version", help="The version to promote [default: the `challenger` alias]."
+    ),
+    force: bool = typer.Option(False, "--force", help="Skip the gate (recorded as forced)."),
+) -> None:
+    """Move `champion` to a version if it passes the gate: holdout accuracy and latency."""
+    from opsloop.config import load_config
+    from opsloop.registry import promote_model
+    from opsloop.tracking import resolve_tracking_uri
+
+    cfg = load_config(overrides or [])
+    workspace = Path(cfg.workspace)
+    decision = promote_model(
+        model or cfg.registry.model_name,
+        cfg.registry,
+        cfg.data,
+        resolve_tracking_uri(cfg.logger, workspace),
+        cache_dir=workspace / ".opsloop" / "bundles",
+        version=version,
+        force=force,
+    )
+    verdict = "promoted" if decision.promoted else "not promoted"
+    print_fields(
+        f"{decision.name} v{decision.challenger_version}: {verdict}",
+        {
+            "reason": decision.reason,
+            "challenger accuracy": _optional(decision.challenger_accuracy),
+            "champion": f"v{decision.champion_version} accuracy "
+            f"{_optional(decision.champion_accuracy)}"
+            if decision.champion_version
+            else "none",
+            "latency": f"{_optional(decision.challenger_latency_ms)} ms "
+            f"(budget {decision.latency_budget_ms:g} ms)",
+            "holdout": decision.holdout,
+            "forced": str(decision.forced).lower(),
+        },
+    )
+
+
+def _optional(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+models_app = typer.Typer(help="List registered models and show a version's lineage.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list_command(
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDES_HELP),
+) -> None:
+    """Every registered model with its versions and aliases."""
+    from opsloop.config import load_config
+    from opsloop.registry import list_models
+    from opsloop.tracking import resolve_tracking_uri
+
+    cfg = load_config(overrides or [])
+    models = list_models(resolve_tracking_uri(cfg.logger, Path(cfg.workspace)))
+    if not models:
+        console.print("no registered models; run `opsloop pipeline` or `opsloop register`")
+    for name, versions in models.items():
+        print_fields(
+            name,
+            {
+                f"v{v.version}": f"{', '.join(v.aliases) or '-'}  run {v.run_id}  {v.created_at}"
+                for v in versions
+            },
+        )
+
+
+@models_app.command("show")
+def models_show_command(
+    ref: str = typer.Argument(..., help="NAME@ALIAS, NAME/VERSION or NAME (= NAME@champion)."),
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDES_HELP),
+) -> None:
+    """Lineage, metrics and promotion history of one model version."""
+    from opsloop.config import load_config
+    from opsloop.registry import describe_model
+    from opsloop.tracking import resolve_tracking_uri
+
+    cfg = load_config(overrides or [])
+    description = describe_model(ref, resolve_tracking_uri(cfg.logger, Path(cfg.workspace)))
+    info, lineage = description.version, description.lineage
+    print_fields(
+        f"{info.name} v{info.version} ({', '.join(info.aliases) or 'no alias'})",
+        {
+            "run id": info.run_id or "-",
+            "git commit": lineage.get("git_commit", "unknown")
+            + (" (dirty)" if lineage.get("git_dirty") == "true" else ""),
+            "dataset": f"{lineage.get('dataset_name', '?')} {lineage.get('dataset_hash', '?')}",
+            "config hash": lineage.get("config_hash", "unknown"),
+            "seed": lineage.get("seed", "unknown"),
+            "registered": info.created_at,
+            "bundle": info.tags.get("opsloop.bundle_artifact", "none"),
+            **{
+                key: f"{value:.4f}"
+                for key, value in sorted(description.metrics.items())
+                if key.startswith(("test/", "eval/"))
+            },
+        },
+    )
+    for event in description.history:
+        kind = "forced" if event.get("forced") else "gated"
+        outcome = "promoted" if event.get("promoted") else "refused"
+        console.print(
+            f"  promotion  {event.get('at')} by {event.get('by')}: {outcome} ({kind}) — "
+            f"{event.get('reason')}",
+            soft_wrap=True,
+            highlight=False,
+            markup=False,
+        )
+
+
+@app.command("export")
+def export_command(
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDES_HELP),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Export this .ckpt file."),
+    run_id: str | None = typer.Option(None, "--run-id", help="Export this run's best checkpoint."),
+    model: str | None = typer.Option(
+        None, "--model", help="Materialise a registered version's bundle: NAME@ALIAS or NAME/N."
+    ),
+    out: Path = typer.Option(..., "--out", help="The bundle directory to write."),
+    quantize: bool = typer.Option(False, "--quantize", help="Serve a dynamic int8 model."),
+) -> None:
+    """Write a verified model bundle (ONNX + bundle.json + reference data + model card)."""
+    if sum(x is not None for x in (checkpoint, run_id, model)) != 1:
+        raise ConfigError("give exactly one of --checkpoint, --run-id or --model")
+    from opsloop.config import load_config
+
+    cfg = load_config(overrides or [])
+    if model is not None:
+        from opsloop.registry import download_bundle
+        from opsloop.tracking import resolve_tracking_uri
+
+        uri = resolve_tracking_uri(cfg.logger, Path(cfg.workspace))
+        bundle, info = download_bundle(model, uri, out)
+        path, version, quantized = bundle.path, info.version, bundle.manifest.quantization
+    else:
+        result = _export_checkpoint(cfg, checkpoint, run_id, out, quantize)
+        path, version, quantized = result.path, None, result.quantization
+    print_fields(
+        f"bundle {path}",
+        {
+            "version": version or "unregistered",
+            "files": ", ".join(sorted(p.name for p in path.iterdir())),
+            "quantization": "none"
+            if not quantized
+            else f"int8 accuracy delta {quantized['accuracy_delta']:+.4f}, "
+            f"{quantized['fp32_bytes']} -> {quantized['int8_bytes']} bytes",
+        },
+    )
+
+
+def _export_checkpoint(
+    cfg: OpsloopConfig, checkpoint: Path | None, run_id: str | None, out: Path, quantize: bool
+) -> ExportResult:
+    import tempfile
+
+    from opsloop.export import export_bundle
+    from opsloop.tracking import checkpoint_for_run, resolve_tracking_uri, run_lineage
+
+    if checkpoint is not None:
+        return export_bundle(
+            checkpoint, cfg.data, out, model_name=cfg.registry.model_name, quantize=quantize
+        )
+    assert run_id is not None
+    uri = resolve_tracking_uri(cfg.logger, Path(cfg.workspace))
+    with tempfile.TemporaryDirectory(prefix="opsloop-export-") as scratch:
+        downloaded = checkpoint_for_run(run_id, uri, Path(scratch))
+        lineage = {k: v for k, v in run_lineage(run_id, uri).items() if k.isidentifier()}
+        return export_bundle(
+            downloaded,
+            cfg.data,
+            out,
+            model_name=cfg.registry.model_name,
+            lineage=lineage | {"run_id": run_id},
+            quantize=quantize,
+        )
+
+
+@app.command("pipeline")
+def pipeline_command(
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDES_HELP),
+) -> None:
+    """data -> train -> evaluate -> register -> export -> promote, with a summary table."""
+    from rich.table import Table
+
+    from opsloop.config import load_config
+    from opsloop.pipeline import run_pipeline
+
+    cfg = load_config(overrides or [])
+    result = run_pipeline(cfg)
+    table = Table(title="opsloop pipeline", title_justify="left")
+    for column in ("stage", "seconds", "result"):
+        table.add_column(column, overflow="fold")
+    for stage in result.stages:
+        table.add_row(stage.name, f"{stage.seconds:.1f}", stage.detail)
+    table.add_row("total", f"{result.seconds:.1f}", "")
+    console.print(table)
+    print_fields(
+        "summary",
+        {
+            "accuracy": f"{result.accuracy:.4f}",
+            "model version": f"{result.model_name} v{result.model_version}",
+            "alias": "champion" if result.promoted else "challenger (gate refused)",
+            "champion": f"v{result.champion_version}",
+            "bundle": str(result.bundle_path),
+            "serve it": f"OPSLOOP_BUNDLE_PATH={result.bundle_path} opsloop serve",
+        },
+    )
+
+
+def _short(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@app.command("serve")
+def serve_command(
+    bundle: Path | None = typer.Option(
+        None, "--bundle", help="Serve this bundle directory [env OPSLOOP_BUNDLE_PATH]."
+    ),
+    model: str | None = typer.Option(
+        None, "--model", help="Serve the registry's NAME@ALIAS [default: digits-cnn@champion]."
+    ),
+    host: str | None = typer.Option(None, "--host", help="Interface [env OPSLOOP_HOST]."),
+    port: int | None = typer.Option(None, "--port", help="TCP port [env OPSLOOP_PORT]."),
+    workers: int | None = typer.Option(
+        None, "--workers", help="Worker processes, about one per core [env OPSLOOP_WORKERS]."
+    ),
+) -> None:
+    """Serve a model over HTTP: Open Inference Protocol (V2), /predict, /metrics, /docs.
+
+    Every setting is an OPSLOOP_* environment variable (see docs/serving.md); options win.
+    """
+    import os
+
+    from opsloop.serve.server import run_server
+    from opsloop.serve.settings import load_settings
+
+    overrides: dict[str, Any] = {"bundle_path": bundle, "host": host, "port": port}
+    overrides["workers"] = workers
+    if model is not None:
+        name, _, alias = model.partition("@")
+        overrides |= {"model_name": name, "model_alias": alias or "champion", "bundle_path": None}
+    if "OPSLOOP_LOG_LEVEL" not in os.environ:
+        overrides["log_level"] = logging.getLevelName(logging.getLogger().level).lower()
+    run_server(load_settings(**{k: v for k, v in overrides.items() if v is not None}))
+
+
+@app.command("monitor")
+def monitor_command(
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDES_HELP),
+    bundle: Path | None = typer.Option(
+        None, "--bundle", help="Reference bundle (default: <workspace>/bundles/<model name>)."
+    ),
+    log: str | None = typer.Option(
+        None, "--log", help="Prediction-log URL (default: the server's, OPSLOOP_PREDLOG_URL)."
+    ),
+    last: int | None = typer.Option(
+        None, "--last", min=1, help="The last N predictions (default: 200 without --since)."
+    ),
+    since: float | None = typer.Option(
+        None, "--since", min=0, help="Only predictions of the last SECONDS seconds."
+    ),
+    alpha: float = typer.Option(0.05, "--alpha", help="Significance level after correction."),
+    min_samples: int = typer.Option(
+        30, "--min-samples", min=1, help="Refuse windows with fewer predictions."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print only the JSON report."),
+    html: Path | None = typer.Option(None, "--html", help="Also write Evidently's HTML report."),
+) -> None:
+    """Check recent predictions for drift against the bundle's reference data."""
+    import time
+
+    from opsloop.monitor import detect_drift, load_reference, window_from_log, write_html_report
+
+    bundle_dir, log_url = _monitor_sources(overrides or [], bundle, log)
+    window = window_from_log(
+        log_url,
+        last=200 if last is None and since is None else last,
+        since=None if since is None else time.time() - since,
+    )
+    reference = load_reference(bundle_dir)
+    report = detect_drift(reference, window, alpha=alpha, min_samples=min_samples)
+    if html is not None:
+        write_html_report(reference, window, html, report=report)
+    if as_json:
+        typer.echo(report.to_json())
+        return
+    print_fields(
+        "drift detected" if report.drift else "no drift",
+        {
+            "window": f"{report.window_size} predictions, {report.time_range[0]} .. "
+            f"{report.time_range[1]}",
+            "model versions": ", ".join(f"{v} ({n})" for v, n in report.model_versions.items())
+            + (" (mixed)" if report.mixed_versions else ""),
+            "reference": f"{report.reference_size} examples of {bundle_dir}",
+            **{d.name: _describe_detector(d) for d in report.detectors},
+            "decision": f"{report.correction} correction, alpha {report.alpha}; "
+            f"fired: {', '.join(report.fired) or 'none'}",
+            **({"html report": str(html)} if html is not None else {}),
+        },
+    )
+
+
+def _monitor_sources(
+    overrides: list[str], bundle: Path | None, log: str | None
+) -> tuple[Path, str]:
+    """The reference bundle and prediction log to monitor: the options, else the defaults."""
+    if bundle is None:
+        from opsloop.config import load_config
+
+        cfg = load_config(overrides)
+        bundle = Path(cfg.workspace) / cfg.registry.bundle_dir / cfg.registry.model_name
+    if log is None:
+        from opsloop.serve.settings import load_settings
+
+        log = load_settings().resolved_predlog_url()
+    return bundle, log
+
+
+def _describe_detector(detector: Any) -> str:
+    drifted = [t.feature for t in detector.features if t.drifted]
+    verdict = "DRIFT" if detector.drift else "ok"
+    listed = f": {', '.join(drifted[:4])}{', ...' if len(drifted) > 4 else ''}" if drifted else ""
+    return (
+        f"{verdict} (min corrected p {detector.p_value:.2g}, "
+        f"{len(drifted)}/{len(detector.features)} features drifted{listed})"
     )
 
 

@@ -94,6 +94,8 @@ class TrainerConfig:
     strategy: str = "auto"  # auto | ddp | ddp_spawn | ...
     precision: str = "32-true"
     deterministic: bool = True
+    # torch's CPU threads for this process; 0 keeps torch's default (one per core).
+    num_threads: int = 0
     gradient_clip_val: float | None = None
     accumulate_grad_batches: int = 1
     log_every_n_steps: int = 10
@@ -156,6 +158,21 @@ class SweepConfig:
 
 
 @dataclass
+class RegistryConfig:
+    """The model registry and its promotion gate."""
+
+    model_name: str = "digits-cnn"
+    # The challenger may trail the champion by at most this much accuracy on the holdout split.
+    accuracy_margin: float = 0.005
+    # ...and must answer one image within this many milliseconds (median, ONNX Runtime, 1 thread).
+    latency_budget_ms: float = 20.0
+    latency_samples: int = 200
+    holdout_split: str = "test"
+    quantize: bool = False  # export a dynamic-int8 model as the served file
+    bundle_dir: str = "bundles"  # where `opsloop pipeline` materialises the champion's bundle
+
+
+@dataclass
 class OpsloopConfig:
     """The root of every composed experiment config."""
 
@@ -164,12 +181,15 @@ class OpsloopConfig:
     workspace: str = "."
     output_dir: str = "outputs"
     ckpt_path: str | None = None  # resume training from this checkpoint
+    # A fixed run directory instead of <output_dir>/<timestamp>-<id> (e.g. for DVC's outs).
+    run_dir: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
 
 
 def register_configs() -> None:
