@@ -21,7 +21,7 @@ uv: ## Install uv with pip when it is missing.
 		|| $(PYTHON) -m pip install --quiet --user --break-system-packages uv
 
 install: uv ## Create .venv from uv.lock exactly (all extras, dev and docs tools).
-	$(UV) sync --locked --all-extras
+	$(UV) sync --locked --all-extras --compile-bytecode
 
 run: install ## Install, then run the whole loop on embedded defaults: data to a served bundle.
 	$(RUN) opsloop pipeline
