@@ -8,6 +8,7 @@ shown only with `--log-level debug`.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from enum import StrEnum
@@ -64,6 +65,9 @@ def _root(
 ) -> None:
     """opsloop: versioned data, tracked training, gated registry, fast serving, drift monitoring."""
     configure_logging(log_level.value)
+    # MLflow draws a progress bar for every artifact download (the registry fetches bundles);
+    # in a CLI that logs its own progress they are noise. A user's explicit setting wins.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def configure_logging(level: str) -> None:
