@@ -8,6 +8,7 @@ UV ?= $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 RUN := $(UV) run --no-sync
 export DVC_NO_ANALYTICS := 1
 export MPLBACKEND := Agg
+export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: help uv install run repro data test test-fast lint format typecheck docs docs-serve clean
 .PHONY: mlflow-ui
