@@ -542,6 +542,7 @@ def serve_command(
 
 @app.command("monitor")
 def monitor_command(
+    ctx: typer.Context,
     overrides: list[str] | None = typer.Argument(None, help=OVERRIDES_HELP),
     bundle: Path | None = typer.Option(
         None, "--bundle", help="Reference bundle (default: <workspace>/bundles/<model name>)."
@@ -561,12 +562,39 @@ def monitor_command(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print only the JSON report."),
     html: Path | None = typer.Option(None, "--html", help="Also write Evidently's HTML report."),
+    serve: bool = typer.Option(
+        False, "--serve", help="Run the monitoring service: checks every interval, /metrics."
+    ),
+    host: str | None = typer.Option(
+        None, "--host", help="With --serve: interface [env OPSLOOP_MONITOR_HOST, 127.0.0.1]."
+    ),
+    port: int | None = typer.Option(
+        None, "--port", help="With --serve: TCP port [env OPSLOOP_MONITOR_PORT, 8001]."
+    ),
+    interval: float | None = typer.Option(
+        None,
+        "--interval",
+        help="With --serve: seconds between checks [env OPSLOOP_MONITOR_INTERVAL_SECONDS, 60].",
+    ),
 ) -> None:
-    """Check recent predictions for drift against the bundle's reference data."""
+    """Check recent predictions for drift against the bundle's reference data.
+
+    With --serve, keep checking every interval and expose /metrics, /drift and /drift/report;
+    every setting is also an OPSLOOP_MONITOR_* environment variable (options win).
+    """
     import time
 
     from opsloop.monitor import detect_drift, load_reference, window_from_log, write_html_report
 
+    if serve:
+        options: dict[str, Any] = {"host": host, "port": port, "interval_seconds": interval}
+        options |= {"window": last, "window_seconds": since, "bundle_path": bundle}
+        options["predlog_url"] = log
+        for name, value in (("alpha", alpha), ("min_samples", min_samples)):
+            if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT":
+                options[name] = value  # an explicit option wins over OPSLOOP_MONITOR_*
+        _serve_monitor(overrides or [], {k: v for k, v in options.items() if v is not None})
+        return
     bundle_dir, log_url = _monitor_sources(overrides or [], bundle, log)
     window = window_from_log(
         log_url,
@@ -596,6 +624,82 @@ def monitor_command(
     )
 
 
+@app.command("simulate")
+def simulate_command(
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDES_HELP),
+    url: str = typer.Option("http://127.0.0.1:8000", "--url", help="The server to send to."),
+    rate: float = typer.Option(20.0, "--rate", help="Requests per second."),
+    clean: int = typer.Option(200, "--clean", min=0, help="Clean requests, sent first."),
+    corrupted: int = typer.Option(200, "--corrupted", min=0, help="Corrupted requests, then."),
+    corruption: str = typer.Option("gaussian_noise", "--corruption", help="Corruption name."),
+    severity: int = typer.Option(3, "--severity", help="Corruption severity: 1, 2 or 3."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Images per request."),
+    max_seconds: float = typer.Option(600.0, "--max-seconds", help="Stop after this long."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the image order and the corruption."),
+    model: str | None = typer.Option(
+        None, "--model", help="Model name in the URL (default: the bundle's)."
+    ),
+    bundle: Path | None = typer.Option(
+        None, "--bundle", help="Bundle (default: <workspace>/bundles/<model name>)."
+    ),
+    data: Path | None = typer.Option(
+        None, "--data", help="Processed dataset whose test split is replayed (default: config's)."
+    ),
+    allow_remote: bool = typer.Option(
+        False, "--allow-remote", help="Allow a target that is not on this machine."
+    ),
+) -> None:
+    """Replay held-out images, clean then corrupted, against a running server at a steady rate."""
+    from opsloop.simulate import TrafficPlan, run_simulation
+
+    # httpx logs every request at INFO: at tens of requests a second that drowns the summary.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    plan = TrafficPlan(
+        url=url,
+        model_name=model,
+        clean=clean,
+        corrupted=corrupted,
+        corruption=corruption,
+        severity=severity,
+        rate=rate,
+        batch=batch,
+        max_seconds=max_seconds,
+        seed=seed,
+        allow_remote=allow_remote,
+    )
+    plan.check()  # before loading anything: a bad plan fails fast
+    if bundle is None or data is None:
+        from opsloop.config import load_config
+        from opsloop.data import dataset_dir
+
+        cfg = load_config(overrides or [])
+        bundle = bundle or Path(cfg.workspace) / cfg.registry.bundle_dir / cfg.registry.model_name
+        data = data or dataset_dir(cfg.data)
+    result, source = run_simulation(plan, bundle, data)
+    print_fields(
+        "traffic sent" if not result.failed else f"traffic sent, {result.failed} requests failed",
+        {
+            "target": url,
+            "images": source,
+            **{
+                phase.name: f"{phase.requests} requests ({phase.images} images), {phase.ok} ok, "
+                f"{phase.failed} failed"
+                + (
+                    f" (statuses {', '.join(f'{k}: {v}' for k, v in phase.statuses.items())})"
+                    if phase.failed
+                    else ""
+                )
+                for phase in result.phases
+            },
+            "took": f"{result.seconds:.1f}s ({result.rate:.1f} requests/s)"
+            + (" - stopped at --max-seconds" if result.stopped_early else ""),
+            "corruption": f"{corruption} severity {severity}" if corrupted else "none",
+        },
+    )
+    if result.failed:
+        raise typer.Exit(1)
+
+
 def _monitor_sources(
     overrides: list[str], bundle: Path | None, log: str | None
 ) -> tuple[Path, str]:
@@ -610,6 +714,19 @@ def _monitor_sources(
 
         log = load_settings().resolved_predlog_url()
     return bundle, log
+
+
+def _serve_monitor(overrides: list[str], options: dict[str, Any]) -> None:
+    """Run the monitoring service; unset bundle and log default as for a one-off check."""
+    import os
+
+    from opsloop.monitor_service import load_monitor_settings, run_monitor_service
+
+    if "OPSLOOP_MONITOR_LOG_LEVEL" not in os.environ:
+        options["log_level"] = logging.getLevelName(logging.getLogger().level).lower()
+    settings = load_monitor_settings(**options)
+    bundle_dir, log_url = _monitor_sources(overrides, settings.bundle_path, settings.predlog_url)
+    run_monitor_service(settings, bundle_dir, log_url)
 
 
 def _describe_detector(detector: Any) -> str:
