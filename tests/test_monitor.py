@@ -46,7 +46,7 @@ def reference(bundle: ExportResult) -> ReferenceData:
 
 
 @pytest.fixture(scope="module")
-def test_split(trained: tuple[Path, DataConfig]) -> tuple[Images, npt.NDArray[np.int64]]:
+def holdout_split(trained: tuple[Path, DataConfig]) -> tuple[Images, npt.NDArray[np.int64]]:
     """The held-out digits test split: disjoint from the reference (the val split)."""
     split = load_split(dataset_dir(trained[1]), "test")
     return split.images, split.labels
@@ -78,9 +78,9 @@ def test_reference_features_are_computed_once(reference: ReferenceData) -> None:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_clean_windows_are_not_flagged(
-    bundle: ExportResult, reference: ReferenceData, test_split: Any, seed: int
+    bundle: ExportResult, reference: ReferenceData, holdout_split: Any, seed: int
 ) -> None:
-    report = detect_drift(reference, window(bundle, draw(test_split[0], 100, seed)))
+    report = detect_drift(reference, window(bundle, draw(holdout_split[0], 100, seed)))
     assert report.drift is False, report.fired
     assert report.window_size == 100
     assert report.p_value >= 0.05
@@ -98,12 +98,12 @@ def test_clean_windows_are_not_flagged(
 def test_strong_shifts_are_flagged(
     bundle: ExportResult,
     reference: ReferenceData,
-    test_split: Any,
+    holdout_split: Any,
     name: str,
     level: float,
     detector: str,
 ) -> None:
-    images = shifted(draw(test_split[0], 100, seed=7), name, level)
+    images = shifted(draw(holdout_split[0], 100, seed=7), name, level)
     report = detect_drift(reference, window(bundle, images))
     assert report.drift is True
     assert detector in report.fired
@@ -112,9 +112,9 @@ def test_strong_shifts_are_flagged(
 
 
 def test_label_prior_shift_is_flagged_by_the_softmax_detector(
-    bundle: ExportResult, reference: ReferenceData, test_split: Any
+    bundle: ExportResult, reference: ReferenceData, holdout_split: Any
 ) -> None:
-    images, labels = test_split
+    images, labels = holdout_split
     report = detect_drift(reference, window(bundle, draw(images[labels < 5], 100, seed=3)))
     assert report.drift is True
     assert "softmax" in report.fired
@@ -133,9 +133,9 @@ def test_an_empty_window_is_a_clear_error(reference: ReferenceData) -> None:
 
 
 def test_a_too_small_window_is_a_clear_error(
-    bundle: ExportResult, reference: ReferenceData, test_split: Any
+    bundle: ExportResult, reference: ReferenceData, holdout_split: Any
 ) -> None:
-    small = window(bundle, draw(test_split[0], 10, seed=0))
+    small = window(bundle, draw(holdout_split[0], 10, seed=0))
     with pytest.raises(MonitorError, match="has 10 predictions, fewer than the minimum 30"):
         detect_drift(reference, small)
     assert detect_drift(reference, small, min_samples=10).window_size == 10
@@ -150,9 +150,9 @@ def test_a_window_of_another_model_is_refused(reference: ReferenceData) -> None:
 
 
 def test_bad_alpha_and_correction_are_refused(
-    bundle: ExportResult, reference: ReferenceData, test_split: Any
+    bundle: ExportResult, reference: ReferenceData, holdout_split: Any
 ) -> None:
-    clean = window(bundle, draw(test_split[0], 50, seed=0))
+    clean = window(bundle, draw(holdout_split[0], 50, seed=0))
     with pytest.raises(MonitorError, match=r"alpha=1\.5"):
         detect_drift(reference, clean, alpha=1.5)
     with pytest.raises(MonitorError, match="unknown correction 'fdr'"):
@@ -160,9 +160,9 @@ def test_bad_alpha_and_correction_are_refused(
 
 
 def test_mixed_model_versions_are_reported(
-    bundle: ExportResult, reference: ReferenceData, test_split: Any
+    bundle: ExportResult, reference: ReferenceData, holdout_split: Any
 ) -> None:
-    clean = window(bundle, draw(test_split[0], 60, seed=0))
+    clean = window(bundle, draw(holdout_split[0], 60, seed=0))
     mixed = Window(
         clean.images, clean.probabilities, clean.embeddings, model_versions=["3"] * 40 + ["4"] * 20
     )
@@ -174,9 +174,9 @@ def test_mixed_model_versions_are_reported(
 
 
 def test_the_json_report_has_a_top_level_boolean_drift(
-    bundle: ExportResult, reference: ReferenceData, test_split: Any
+    bundle: ExportResult, reference: ReferenceData, holdout_split: Any
 ) -> None:
-    report = detect_drift(reference, window(bundle, draw(test_split[0], 50, seed=1)))
+    report = detect_drift(reference, window(bundle, draw(holdout_split[0], 50, seed=1)))
     data = json.loads(report.to_json())
     assert isinstance(data["drift"], bool)
     assert data["drift"] is report.drift
@@ -188,12 +188,12 @@ def test_the_json_report_has_a_top_level_boolean_drift(
 
 
 def test_the_html_report_is_written_and_matches_evidentlys_p_values(
-    bundle: ExportResult, reference: ReferenceData, test_split: Any, tmp_path: Path
+    bundle: ExportResult, reference: ReferenceData, holdout_split: Any, tmp_path: Path
 ) -> None:
     from evidently import Report
     from evidently.presets import DataDriftPreset
 
-    current = window(bundle, shifted(draw(test_split[0], 80, seed=2), "gaussian_noise", 0.125))
+    current = window(bundle, shifted(draw(holdout_split[0], 80, seed=2), "gaussian_noise", 0.125))
     report = detect_drift(reference, current)
     path = write_html_report(reference, current, tmp_path / "out" / "drift.html", report=report)
     assert path.is_file()
@@ -224,8 +224,8 @@ def test_adjusted_p_values() -> None:
     assert adjust_p_values(p, "bh") == pytest.approx([0.03, 0.04, 0.04])
 
 
-def test_image_statistics_see_blur_and_noise(test_split: Any) -> None:
-    images = draw(test_split[0], 100, seed=0)
+def test_image_statistics_see_blur_and_noise(holdout_split: Any) -> None:
+    images = draw(holdout_split[0], 100, seed=0)
     base = image_statistics(images, 16.0).mean(axis=0)
     blurred = image_statistics(shifted(images, "gaussian_blur", 1 / 8), 16.0).mean(axis=0)
     noisy = image_statistics(shifted(images, "gaussian_noise", 2 / 16), 16.0).mean(axis=0)
@@ -276,10 +276,10 @@ def log_url(tmp_path: Path) -> str:
 
 
 def test_a_window_is_read_from_the_prediction_log(
-    bundle: ExportResult, reference: ReferenceData, test_split: Any, log_url: str
+    bundle: ExportResult, reference: ReferenceData, holdout_split: Any, log_url: str
 ) -> None:
     session = onnx_session(load_bundle(bundle.path).model_path)
-    images = draw(test_split[0], 120, seed=4)
+    images = draw(holdout_split[0], 120, seed=4)
     now = time.time()
     with prediction_log(log_url, flush_interval_s=0.01) as log:
         log.append(record(session, images[:40], at=now - 3600))
@@ -297,10 +297,10 @@ def test_a_window_is_read_from_the_prediction_log(
 
 
 def test_a_window_is_read_while_the_server_appends(
-    bundle: ExportResult, reference: ReferenceData, test_split: Any, log_url: str
+    bundle: ExportResult, reference: ReferenceData, holdout_split: Any, log_url: str
 ) -> None:
     session = onnx_session(load_bundle(bundle.path).model_path)
-    images = test_split[0]
+    images = holdout_split[0]
     stop = threading.Event()
     sizes: list[int] = []
     with prediction_log(log_url, flush_interval_s=0.005) as log:
@@ -358,12 +358,12 @@ def test_an_empty_log_is_a_clear_error(log_url: str) -> None:
 
 def test_opsloop_monitor_json_and_summary(
     bundle: ExportResult,
-    test_split: Any,
+    holdout_split: Any,
     log_url: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     session = onnx_session(load_bundle(bundle.path).model_path)
-    noisy = shifted(draw(test_split[0], 100, seed=5), "gaussian_noise", 0.125)
+    noisy = shifted(draw(holdout_split[0], 100, seed=5), "gaussian_noise", 0.125)
     with prediction_log(log_url) as log:
         log.append(record(session, noisy))
     args = ["monitor", "--bundle", str(bundle.path), "--log", log_url, "--last", "100"]

@@ -34,7 +34,7 @@ CHECK_TIMEOUT_S = 60
 
 
 @pytest.fixture(scope="module")
-def test_images(trained: tuple[Path, DataConfig]) -> npt.NDArray[np.uint8]:
+def holdout_images(trained: tuple[Path, DataConfig]) -> npt.NDArray[np.uint8]:
     """The held-out digits test split (disjoint from the bundle's reference sample)."""
     return load_split(dataset_dir(trained[1]), "test").images
 
@@ -88,12 +88,12 @@ def wait_for_metric(process: Process, url: str, sample: str, expected: float) ->
 
 
 def test_clean_then_corrupted_traffic_flips_the_drift_flag(
-    bundle: ExportResult, test_images: npt.NDArray[np.uint8], tmp_path: Path
+    bundle: ExportResult, holdout_images: npt.NDArray[np.uint8], tmp_path: Path
 ) -> None:
     predlog = f"sqlite:///{tmp_path / 'predictions.db'}"
     rng = np.random.default_rng(0)
-    order = rng.permutation(len(test_images))
-    append(predlog, bundle, test_images[order[:100]])
+    order = rng.permutation(len(holdout_images))
+    append(predlog, bundle, holdout_images[order[:100]])
     with monitoring(tmp_path, bundle.path, predlog) as (monitor, url):
         text = wait_for_metric(monitor, url, "opsloop_drift_monitor_healthy", 1.0)
         assert metric_value(text, "opsloop_drift_detected") == 0.0
@@ -107,7 +107,7 @@ def test_clean_then_corrupted_traffic_flips_the_drift_flag(
         assert clean["window_size"] == 100
         assert clean["monitor"]["healthy"] is True
 
-        noisy = corrupt(test_images[order[100:200]], "gaussian_noise", 3, pixel_max=16, rng=1)
+        noisy = corrupt(holdout_images[order[100:200]], "gaussian_noise", 3, pixel_max=16, rng=1)
         append(predlog, bundle, noisy)
         text = wait_for_metric(monitor, url, "opsloop_drift_detected", 1.0)
         assert metric_value(text, 'opsloop_drift_detector_detected{detector="image_stats"}') == 1
@@ -126,7 +126,7 @@ def test_clean_then_corrupted_traffic_flips_the_drift_flag(
 
 
 def test_a_too_small_window_and_a_missing_log_are_reported_not_fatal(
-    bundle: ExportResult, test_images: npt.NDArray[np.uint8], tmp_path: Path
+    bundle: ExportResult, holdout_images: npt.NDArray[np.uint8], tmp_path: Path
 ) -> None:
     missing = tmp_path / "later.db"
     predlog = f"sqlite:///{missing}"
@@ -141,7 +141,7 @@ def test_a_too_small_window_and_a_missing_log_are_reported_not_fatal(
         assert pending.status_code == 503
         assert "does not exist" in pending.json()["error"]
 
-        append(predlog, bundle, test_images[:5])
+        append(predlog, bundle, holdout_images[:5])
         text = wait_for_metric(
             monitor, url, 'opsloop_drift_last_error{reason="window_too_small"}', 1.0
         )

@@ -50,8 +50,22 @@ def test_batched_equals_one_at_a_time(tiny_bundle: Path, pixels: npt.NDArray[np.
     np.testing.assert_allclose(batched, single, atol=1e-6)
 
 
-def test_warm_up_runs_the_batch_sizes_used(tiny_bundle: Path) -> None:
-    load_model(tiny_bundle).warm(max_batch_size=8)  # must not raise for 1, 4 and 8 rows
+def test_warm_up_runs_the_batch_sizes_used(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = load_model(tiny_bundle)
+    real_predict = model.predict
+    rows_seen: list[int] = []
+
+    def recording_predict(
+        pixels: npt.NDArray[np.float32],
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        rows_seen.append(len(pixels))
+        return real_predict(pixels)
+
+    monkeypatch.setattr(model, "predict", recording_predict)
+    model.warm(max_batch_size=8)
+    assert rows_seen == [1, 4, 8]
 
 
 def test_a_bundle_without_a_version_is_named_by_its_hash(tmp_path: Path) -> None:
