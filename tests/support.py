@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from opsloop.config import OpsloopConfig, load_config
 
@@ -44,3 +45,29 @@ def tiny_train_config(workspace: Path, processed_dir: Path, *overrides: str) -> 
         "logger.log_model=false",
         *overrides,
     )
+
+
+def log_bundle_predictions(url: str, bundle_dir: Path, images: Any) -> None:
+    """Append `images` with the bundle model's outputs to a prediction log, as the server does."""
+    import time
+
+    import numpy as np
+
+    from opsloop.bundle import load_bundle, onnx_session, run_onnx
+    from opsloop.serve.predlog import LogRecord, prediction_log
+
+    outputs = run_onnx(onnx_session(load_bundle(bundle_dir).model_path), images)
+    with prediction_log(url, flush_interval_s=0.01) as log:
+        log.append(
+            LogRecord(
+                request_id=f"r{time.monotonic_ns()}",
+                created_at=time.time(),
+                endpoint="infer",
+                model_name="digits",
+                model_version="3",
+                inputs=images.astype(np.float32),
+                probabilities=outputs["probabilities"],
+                embedding=outputs["embedding"],
+                latency_ms=1.0,
+            )
+        )

@@ -5,24 +5,21 @@ from __future__ import annotations
 import math
 import os
 import socket
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-import numpy.typing as npt
 import pytest
 from fastapi.testclient import TestClient
 
-from opsloop.bundle import load_bundle, onnx_session, run_onnx
+from opsloop.bundle import load_bundle
 from opsloop.errors import ConfigError
 from opsloop.monitor_service import (
     DriftMonitor,
     create_monitor_app,
     load_monitor_settings,
 )
-from opsloop.serve.predlog import LogRecord, prediction_log
 from tests.integration.processes import metric_value
+from tests.support import log_bundle_predictions
 
 if TYPE_CHECKING:
     from opsloop.export import ExportResult
@@ -54,24 +51,6 @@ def test_settings_default_to_loopback_and_read_the_environment(
     assert (settings.port, settings.window, settings.interval_seconds) == (9001, 500, 60.0)
 
 
-def log_images(url: str, bundle: ExportResult, images: npt.NDArray[np.uint8]) -> None:
-    outputs = run_onnx(onnx_session(load_bundle(bundle.path).model_path), images)
-    with prediction_log(url, flush_interval_s=0.01) as log:
-        log.append(
-            LogRecord(
-                request_id="r1",
-                created_at=time.time(),
-                endpoint="infer",
-                model_name="digits",
-                model_version="3",
-                inputs=images.astype(np.float32),
-                probabilities=outputs["probabilities"],
-                embedding=outputs["embedding"],
-                latency_ms=1.0,
-            )
-        )
-
-
 def test_failures_are_recorded_and_the_last_verdict_is_kept(
     bundle: ExportResult, tmp_path: Path
 ) -> None:
@@ -85,7 +64,7 @@ def test_failures_are_recorded_and_the_last_verdict_is_kept(
     assert math.isnan(metric_value(text, "opsloop_drift_detected"))
 
     reference = load_bundle(bundle.path).load_reference()["images"]
-    log_images(url, bundle, reference[:40])
+    log_bundle_predictions(url, bundle.path, reference[:40])
     report = monitor.check()
     assert report is not None
     assert report.window_size == 40
@@ -111,7 +90,8 @@ def test_failures_are_recorded_and_the_last_verdict_is_kept(
 
 def test_a_re_exported_bundle_is_picked_up(bundle: ExportResult, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'predictions.db'}"
-    log_images(url, bundle, load_bundle(bundle.path).load_reference()["images"][:40])
+    reference = load_bundle(bundle.path).load_reference()["images"]
+    log_bundle_predictions(url, bundle.path, reference[:40])
     monitor = DriftMonitor(load_monitor_settings(), bundle.path, url)
     assert monitor.check() is not None
     first = monitor.reference

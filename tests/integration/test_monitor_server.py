@@ -11,19 +11,18 @@ import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import httpx
 import numpy as np
 import numpy.typing as npt
 import pytest
 
-from opsloop.bundle import load_bundle, onnx_session, run_onnx
 from opsloop.config import DataConfig
 from opsloop.corruption import corrupt
 from opsloop.data import dataset_dir, load_split
-from opsloop.serve.predlog import LogRecord, prediction_log
 from tests.integration.processes import OPSLOOP, Process, free_port, metric_value, running
+from tests.support import log_bundle_predictions
 
 if TYPE_CHECKING:
     from opsloop.export import ExportResult
@@ -37,25 +36,6 @@ CHECK_TIMEOUT_S = 60
 def holdout_images(trained: tuple[Path, DataConfig]) -> npt.NDArray[np.uint8]:
     """The held-out digits test split (disjoint from the bundle's reference sample)."""
     return load_split(dataset_dir(trained[1]), "test").images
-
-
-def append(url: str, bundle: ExportResult, images: npt.NDArray[Any]) -> None:
-    """Log `images` with the bundle model's outputs, exactly as `opsloop serve` does."""
-    outputs = run_onnx(onnx_session(load_bundle(bundle.path).model_path), images)
-    with prediction_log(url, flush_interval_s=0.01) as log:
-        log.append(
-            LogRecord(
-                request_id=f"r{time.monotonic_ns()}",
-                created_at=time.time(),
-                endpoint="infer",
-                model_name="digits",
-                model_version="3",
-                inputs=images.astype(np.float32),
-                probabilities=outputs["probabilities"],
-                embedding=outputs["embedding"],
-                latency_ms=1.0,
-            )
-        )
 
 
 @contextlib.contextmanager
@@ -93,7 +73,7 @@ def test_clean_then_corrupted_traffic_flips_the_drift_flag(
     predlog = f"sqlite:///{tmp_path / 'predictions.db'}"
     rng = np.random.default_rng(0)
     order = rng.permutation(len(holdout_images))
-    append(predlog, bundle, holdout_images[order[:100]])
+    log_bundle_predictions(predlog, bundle.path, holdout_images[order[:100]])
     with monitoring(tmp_path, bundle.path, predlog) as (monitor, url):
         text = wait_for_metric(monitor, url, "opsloop_drift_monitor_healthy", 1.0)
         assert metric_value(text, "opsloop_drift_detected") == 0.0
@@ -108,7 +88,7 @@ def test_clean_then_corrupted_traffic_flips_the_drift_flag(
         assert clean["monitor"]["healthy"] is True
 
         noisy = corrupt(holdout_images[order[100:200]], "gaussian_noise", 3, pixel_max=16, rng=1)
-        append(predlog, bundle, noisy)
+        log_bundle_predictions(predlog, bundle.path, noisy)
         text = wait_for_metric(monitor, url, "opsloop_drift_detected", 1.0)
         assert metric_value(text, 'opsloop_drift_detector_detected{detector="image_stats"}') == 1
         assert metric_value(text, "opsloop_drift_score") > 0
@@ -141,7 +121,7 @@ def test_a_too_small_window_and_a_missing_log_are_reported_not_fatal(
         assert pending.status_code == 503
         assert "does not exist" in pending.json()["error"]
 
-        append(predlog, bundle, holdout_images[:5])
+        log_bundle_predictions(predlog, bundle.path, holdout_images[:5])
         text = wait_for_metric(
             monitor, url, 'opsloop_drift_last_error{reason="window_too_small"}', 1.0
         )
