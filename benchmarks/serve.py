@@ -165,7 +165,7 @@ def run_worker(factory: str, port: int) -> None:
     """One uvicorn worker on a SO_REUSEPORT socket (the same way `opsloop serve` runs them)."""
     import uvicorn
 
-    from opsloop.serve.server import make_socket
+    from opsloop.service import make_socket
 
     sock = make_socket("127.0.0.1", port)
     config = uvicorn.Config(

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from opsloop.cli import main
-from opsloop.config import OpsloopConfig, config_hash, config_to_yaml
+from opsloop.config import OpsloopConfig, config_hash, config_to_yaml, parse_devices
 from opsloop.data import read_manifest
 from opsloop.errors import CheckpointError, ConfigError, DataError, TrackingError
 from opsloop.model import ImageClassifier
@@ -25,7 +25,6 @@ from opsloop.train import (
     batch_count,
     flatten_config,
     git_state,
-    parse_devices,
     train_model,
 )
 from tests.support import CONFIG_DIR, prepare_digits, tiny_train_config

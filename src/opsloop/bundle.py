@@ -24,8 +24,13 @@ QUANTIZED_MODEL_FILE = "model.int8.onnx"
 REFERENCE_FILE = "reference.npz"
 MODEL_CARD = "MODEL_CARD.md"
 FORMAT_VERSION = 1
+# The graph's tensor names. Export writes them into bundle.json; readers take the input's name
+# from there (`manifest.input.name`), so a bundle with another input name still serves.
 INPUT_NAME = "pixels"
-OUTPUT_NAMES = ("probabilities", "embedding", "logits")
+PROBABILITIES = "probabilities"
+EMBEDDING = "embedding"
+LOGITS = "logits"
+OUTPUT_NAMES = (PROBABILITIES, EMBEDDING, LOGITS)
 ONNX_BATCH = 256
 
 
@@ -163,24 +168,37 @@ def verify_file(path: Path, expected_sha256: str) -> None:
         )
 
 
-def onnx_session(path: Path, *, threads: int = 0) -> Any:
-    """An ONNX Runtime CPU session with full graph optimisation (0 threads: ORT decides)."""
+def onnx_session(
+    model: Path | bytes, *, intra_op_threads: int = 0, inter_op_threads: int = 0
+) -> Any:
+    """An ONNX Runtime CPU session with full graph optimisation (0 threads: ORT decides).
+
+    `model` is a file or its bytes (the server hands over exactly the bytes it checksummed).
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = inter_op_threads
+    options.log_severity_level = 3  # errors only: its warnings are noise on every load
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def input_name(session: Any) -> str:
+    """The name of a session's single input (the bundle's `input.name`)."""
+    return str(session.get_inputs()[0].name)
 
 
 def run_onnx(session: Any, images: npt.NDArray[Any]) -> dict[str, npt.NDArray[np.float32]]:
-    """All outputs for `images`, in batches."""
-    chunks: dict[str, list[npt.NDArray[np.float32]]] = {name: [] for name in OUTPUT_NAMES}
+    """Every output the session has for `images`, by name, computed in batches."""
+    feed = input_name(session)
+    names = [node.name for node in session.get_outputs()]
+    chunks: dict[str, list[npt.NDArray[np.float32]]] = {name: [] for name in names}
     for start in range(0, len(images), ONNX_BATCH):
         batch = images[start : start + ONNX_BATCH].astype(np.float32)
-        for name, value in zip(
-            OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch}), strict=True
-        ):
+        for name, value in zip(names, session.run(names, {feed: batch}), strict=True):
             chunks[name].append(value)
     return {name: np.concatenate(values) for name, values in chunks.items()}

@@ -8,7 +8,9 @@ receive only their own typed section, never a raw DictConfig.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -19,6 +21,21 @@ from typing import Any
 from opsloop.errors import ConfigError
 
 CONFIG_DIR_ENV = "OPSLOOP_CONFIG_DIR"
+# Registries of what a config may name, each the one place a new choice is added. Values are
+# `module:attribute` paths, imported only by the stage that builds the object (torch and Lightning
+# stay out of config loading). Datasets are registered in `opsloop.data.sources.SOURCES`.
+MODELS = {"cnn": "opsloop.model:ConvNet"}
+PROFILERS = {
+    "simple": "lightning.pytorch.profilers:SimpleProfiler",
+    "advanced": "lightning.pytorch.profilers:AdvancedProfiler",
+    "pytorch": "lightning.pytorch.profilers:PyTorchProfiler",
+}
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULERS = ("cosine", "onecycle", "step", "none")
+LOGGERS = ("mlflow", "wandb", "none")
+PARAM_TYPES = ("float", "int", "categorical")
+# Study names become file names (`sweep_<study>.yaml`) and Hydra option names.
+STUDY_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 @dataclass
@@ -63,7 +80,7 @@ class DataConfig:
 class ModelConfig:
     """The classifier: a small CNN that adapts to any image shape and class count."""
 
-    name: str = "cnn"
+    name: str = "cnn"  # a key of MODELS
     channels: int = 32  # width of the first conv block; each further block doubles it
     depth: int = 2  # conv blocks
     hidden: int = 128  # width of the penultimate layer, the embedding monitoring uses
@@ -100,7 +117,7 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     log_every_n_steps: int = 10
     enable_progress_bar: bool = True
-    profiler: str | None = None  # simple | advanced | pytorch
+    profiler: str | None = None  # a key of PROFILERS
     fast_dev_run: int = 0
     overfit_batches: float = 0.0
     limit_train_batches: float = 1.0
@@ -307,8 +324,22 @@ def _one_line_config_error(exc: BaseException) -> str:
 
 
 def validate_config(cfg: OpsloopConfig) -> None:
-    """Range checks that a type alone cannot express."""
-    data = cfg.data
+    """Every check a type alone cannot express, so `opsloop config` rejects what a stage would.
+
+    Nothing here touches the disk or the network: a config that passes can still name a dataset
+    that is not prepared yet, which the stage that reads it reports.
+    """
+    validate_data(cfg.data)
+    validate_model(cfg.model, cfg.optim)
+    validate_trainer(cfg.trainer)
+    _check_choice("logger.name", cfg.logger.name, LOGGERS)
+    validate_sweep_config(cfg)
+
+
+def validate_data(data: DataConfig) -> None:
+    """Fractions, channels, batch size and a known source."""
+    from opsloop.data.sources import SOURCES  # numpy only: no heavy import at config load
+
     for key, value in (("val_fraction", data.val_fraction), ("test_fraction", data.test_fraction)):
         if not 0.0 < value < 1.0:
             raise ConfigError(f"data.{key}={value} is out of range; use a fraction in (0, 1)")
@@ -321,29 +352,162 @@ def validate_config(cfg: OpsloopConfig) -> None:
         raise ConfigError(f"data.channels={data.channels} is not supported; use 1 or 3")
     if data.batch_size < 1:
         raise ConfigError(f"data.batch_size={data.batch_size} must be at least 1")
-    if data.source not in ("digits", "idx", "imagefolder"):
+    if data.num_workers < 0:
         raise ConfigError(
-            f"data.source='{data.source}' is unknown; use one of: digits, idx, imagefolder"
+            f"data.num_workers={data.num_workers} must be 0 (load in-process) or more"
         )
-    _check_choice("optim.optimizer", cfg.optim.optimizer, ("adamw", "adam", "sgd"))
-    _check_choice("optim.scheduler", cfg.optim.scheduler, ("cosine", "onecycle", "step", "none"))
-    _check_choice("logger.name", cfg.logger.name, ("mlflow", "wandb", "none"))
-    _check_choice("trainer.monitor_mode", cfg.trainer.monitor_mode, ("min", "max"))
-    _check_choice("sweep.direction", cfg.sweep.direction, ("minimize", "maximize"))
-    if cfg.trainer.profiler is not None:
-        _check_choice("trainer.profiler", cfg.trainer.profiler, ("simple", "advanced", "pytorch"))
-    for key, value in (("model.channels", cfg.model.channels), ("model.depth", cfg.model.depth)):
+    _check_choice("data.source", data.source, tuple(SOURCES))
+
+
+def validate_model(model: ModelConfig, optim: OptimConfig) -> None:
+    """A known architecture with sane sizes, and a known optimizer and schedule."""
+    _check_choice("model.name", model.name, tuple(MODELS))
+    for key, value in (
+        ("model.channels", model.channels),
+        ("model.depth", model.depth),
+        ("model.hidden", model.hidden),
+    ):
         if value < 1:
             raise ConfigError(f"{key}={value} must be at least 1")
-    if not 0.0 <= cfg.model.dropout < 1.0:
-        raise ConfigError(f"model.dropout={cfg.model.dropout} is out of range; use [0, 1)")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr={cfg.optim.lr} must be positive")
+    if not 0.0 <= model.dropout < 1.0:
+        raise ConfigError(f"model.dropout={model.dropout} is out of range; use [0, 1)")
+    _check_choice("optim.optimizer", optim.optimizer, OPTIMIZERS)
+    _check_choice("optim.scheduler", optim.scheduler, SCHEDULERS)
+    if optim.lr <= 0:
+        raise ConfigError(f"optim.lr={optim.lr} must be positive")
+
+
+def validate_trainer(trainer: TrainerConfig) -> None:
+    """Devices, threads, checkpoints, profiler and the monitored metric's mode."""
+    parse_devices(trainer.devices)
+    if trainer.num_threads < 0:
+        raise ConfigError(
+            f"trainer.num_threads={trainer.num_threads} must be 0 (torch's default) or more"
+        )
+    if trainer.save_top_k == 0 or trainer.save_top_k < -1:
+        raise ConfigError(
+            f"trainer.save_top_k={trainer.save_top_k} would keep no best checkpoint; use 1 or "
+            "more, or -1 for all"
+        )
+    for key, value in (("max_epochs", trainer.max_epochs), ("num_nodes", trainer.num_nodes)):
+        if value < 1:
+            raise ConfigError(f"trainer.{key}={value} must be at least 1")
+    _check_choice("trainer.monitor_mode", trainer.monitor_mode, ("min", "max"))
+    if trainer.profiler is not None:
+        _check_choice("trainer.profiler", trainer.profiler, tuple(PROFILERS))
+
+
+def parse_devices(value: str) -> int | list[int] | str:
+    """`trainer.devices` as Lightning wants it: "2" -> 2, "[0,1]" -> [0, 1], "auto" -> "auto"."""
+    text = value.strip()
+    if text == "auto":
+        return "auto"
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, int) and not isinstance(parsed, bool):
+        return parsed
+    if isinstance(parsed, list) and parsed and all(type(item) is int for item in parsed):
+        return list(parsed)
+    raise ConfigError(
+        f"trainer.devices='{value}' is not a device count, a list such as [0,1], or auto"
+    )
+
+
+def validate_sweep_config(cfg: OpsloopConfig) -> None:
+    """The sweep's settings and every search-space entry (checked before any trial runs)."""
+    sweep = cfg.sweep
+    if not STUDY_NAME.match(sweep.study_name):
+        raise ConfigError(
+            f"sweep.study_name='{sweep.study_name}' is not usable as a file name; "
+            "use letters, digits, '_' and '-' only"
+        )
+    _check_choice("sweep.direction", sweep.direction, ("minimize", "maximize"))
+    if sweep.n_trials < 1:
+        raise ConfigError(f"sweep.n_trials={sweep.n_trials} must be at least 1")
+    if sweep.timeout_seconds is not None and sweep.timeout_seconds <= 0:
+        raise ConfigError(f"sweep.timeout_seconds={sweep.timeout_seconds} must be positive")
+    if sweep.pruner_warmup_epochs < 0:
+        raise ConfigError(f"sweep.pruner_warmup_epochs={sweep.pruner_warmup_epochs} must be >= 0")
+    for key, spec in sweep.params.items():
+        check_param_path(cfg, key)
+        check_param_spec(key, spec)
+
+
+def check_param_path(cfg: OpsloopConfig, key: str) -> None:
+    """Fail unless `key` (e.g. `optim.lr`) names one value of the typed config."""
+    node: Any = cfg
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        section = ".".join(parts[:depth]) or "the config root"
+        names = [f.name for f in dataclasses.fields(node)]
+        if part not in names:
+            raise ConfigError(
+                f"sweep.params.{key}: '{part}' is not a key of {section}; "
+                f"use one of: {', '.join(names)}"
+            )
+        node = getattr(node, part)
+        if depth + 1 < len(parts) and not dataclasses.is_dataclass(node):
+            raise ConfigError(
+                f"sweep.params.{key}: {'.'.join(parts[: depth + 1])} is a value, not a section"
+            )
+    if dataclasses.is_dataclass(node):
+        raise ConfigError(
+            f"sweep.params.{key}: {key} is a section, not a value; name a key inside it "
+            f"such as {key}.{dataclasses.fields(node)[0].name}"
+        )
+    if parts[0] == "sweep":
+        raise ConfigError(f"sweep.params.{key}: the sweep's own settings cannot be swept")
+
+
+def check_param_spec(key: str, spec: ParamSpec) -> None:
+    """Fail with a one-line `ConfigError` naming `key` unless Optuna can sample `spec`."""
+    where = f"sweep.params.{key}"
+    _check_choice(f"{where}.type", spec.type, PARAM_TYPES)
+    if spec.type == "categorical":
+        _check_categorical(where, spec)
+        return
+    if spec.choices is not None:
+        raise ConfigError(f"{where}: `choices` belongs to type categorical, not {spec.type}")
+    if spec.low is None or spec.high is None:
+        raise ConfigError(f"{where}: a {spec.type} range needs both `low` and `high`")
+    if spec.low >= spec.high:
+        raise ConfigError(f"{where}: low={spec.low} must be below high={spec.high}")
+    if spec.log and spec.low <= 0:
+        raise ConfigError(f"{where}: a log range needs low > 0, not {spec.low}")
+    if spec.log and spec.step is not None:
+        raise ConfigError(f"{where}: `step` and `log: true` cannot be combined")
+    if spec.step is not None and spec.step <= 0:
+        raise ConfigError(f"{where}: step={spec.step} must be positive")
+    if spec.type == "int":
+        for name in ("low", "high", "step"):
+            value = getattr(spec, name)
+            if value is not None and not float(value).is_integer():
+                raise ConfigError(f"{where}: an int range needs a whole {name}, not {value}")
+
+
+def _check_categorical(where: str, spec: ParamSpec) -> None:
+    if spec.low is not None or spec.high is not None or spec.step is not None or spec.log:
+        raise ConfigError(f"{where}: a categorical takes only `choices`, not low/high/step/log")
+    if not spec.choices:
+        raise ConfigError(f"{where}: a categorical needs a non-empty `choices` list")
+    for choice in spec.choices:
+        if choice is not None and not isinstance(choice, str | int | float | bool):
+            raise ConfigError(f"{where}: choice {choice!r} is not a number, string, bool or null")
 
 
 def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ConfigError(f"{key}='{value}' is unknown; use one of: {', '.join(choices)}")
+
+
+def resolve_object(path: str) -> Any:
+    """The object a registry entry names (`module:attribute`), imported now."""
+    import importlib
+
+    module, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
 def config_to_yaml(cfg: object) -> str:

@@ -1,8 +1,10 @@
-"""The opsloop error hierarchy.
+"""The opsloop error hierarchy, and the two helpers every error message uses.
 
 Every error a user can cause is an `OpsloopError` raised where the bad value enters, with a one-line
 message that names the value and says how to fix it. The CLI turns it into `error: <message>` and
 the exit code the class carries: 2 for usage and configuration mistakes, 1 for runtime failures.
+`first_line` condenses a library's multi-line exception for such a message, and `redact_url`
+hides the password of a database or server URL before it is shown anywhere.
 """
 
 from __future__ import annotations
@@ -49,4 +51,58 @@ class ExportError(OpsloopError):
 
 
 class MonitorError(OpsloopError):
-    """A drift check cannot run: the window is empty or too small, or the log cannot be read."""
+    """A drift check cannot run: the window is too small or malformed, or the log is unreadable."""
+
+
+class PredictionLogError(MonitorError):
+    """The prediction log cannot be opened or read (a missing file, a bad URL, a down database)."""
+
+
+class EmptyWindowError(MonitorError):
+    """The prediction log holds no predictions in the window asked for: too early, not broken."""
+
+
+class MissingExtraError(OpsloopError):
+    """A feature needs an optional extra (e.g. `opsloop[monitor]`) that is not installed."""
+
+    def __init__(self, feature: str, extra: str, missing: str) -> None:
+        super().__init__(
+            f"{feature} needs the '{extra}' extra ({missing} is not installed); "
+            f"install it with `pip install 'opsloop[{extra}]'`"
+        )
+        self.extra = extra
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type's name when it has none."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password replaced by `***`, fit for logs, errors and health bodies.
+
+    Database URLs go through SQLAlchemy's parser; anything it cannot parse (an http URL with
+    credentials, garbage) is redacted by hand, and never returned with its secret.
+    """
+    from urllib.parse import urlsplit, urlunsplit
+
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return str(make_url(url).render_as_string(hide_password=True))
+    except (ArgumentError, ValueError, TypeError):
+        pass
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))

@@ -19,8 +19,8 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 
-from opsloop.config import ModelConfig, OptimConfig
-from opsloop.errors import CheckpointError, ConfigError
+from opsloop.config import MODELS, ModelConfig, OptimConfig, resolve_object
+from opsloop.errors import CheckpointError, ConfigError, first_line
 
 
 class Normalize(nn.Module):
@@ -106,10 +106,11 @@ def build_model(
     pixel_mean: Sequence[float],
     pixel_std: Sequence[float],
 ) -> ConvNet:
-    """The network `cfg.name` names, shaped for one dataset."""
-    if cfg.name != "cnn":
-        raise ConfigError(f"model.name='{cfg.name}' is unknown; use: cnn")
-    return ConvNet(
+    """The network `cfg.name` names in `opsloop.config.MODELS`, shaped for one dataset."""
+    if cfg.name not in MODELS:
+        raise ConfigError(f"model.name='{cfg.name}' is unknown; use one of: {', '.join(MODELS)}")
+    network: type[ConvNet] = resolve_object(MODELS[cfg.name])
+    return network(
         image_shape=image_shape,
         num_classes=num_classes,
         pixel_mean=pixel_mean,
@@ -300,9 +301,8 @@ def load_classifier(path: str | Path) -> ImageClassifier:
         EOFError,
         OSError,
     ) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"cannot load checkpoint {checkpoint}: {first_line}; "
+            f"cannot load checkpoint {checkpoint}: {first_line(exc)}; "
             "use a checkpoint written by `opsloop train` for this model and dataset"
         ) from exc
     classifier.eval()

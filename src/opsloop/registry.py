@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from opsloop.atomic import staged_directory
-from opsloop.bundle import Bundle, load_bundle, onnx_session, run_onnx
+from opsloop.bundle import PROBABILITIES, Bundle, load_bundle, onnx_session, run_onnx
 from opsloop.config import DataConfig, RegistryConfig
 from opsloop.data import dataset_dir, load_split, read_manifest
 from opsloop.errors import BundleError, ConfigError, ModelNotFoundError, TrackingError
@@ -336,16 +336,17 @@ def score_bundle(
     latency_samples: int,
 ) -> BundleScore:
     """Holdout accuracy, and the median single-image latency with one ORT thread."""
-    session = onnx_session(bundle.model_path, threads=1)
-    probabilities = run_onnx(session, images)["probabilities"]
+    session = onnx_session(bundle.model_path, intra_op_threads=1)
+    probabilities = run_onnx(session, images)[PROBABILITIES]
     accuracy = float((probabilities.argmax(1) == labels).mean())
+    feed = bundle.manifest.input.name
     single = images[:1].astype(np.float32)
-    session.run(None, {"pixels": single})  # warm-up: the first run allocates
+    session.run(None, {feed: single})  # warm-up: the first run allocates
     timings = []
     for index in range(latency_samples):
         image = images[index % len(images)][None].astype(np.float32)
         start = time.perf_counter()
-        session.run(None, {"pixels": image})
+        session.run(None, {feed: image})
         timings.append((time.perf_counter() - start) * 1000)
     return BundleScore(accuracy, float(np.median(timings)))
 

@@ -11,7 +11,6 @@ own `<workspace>/<output_dir>/<timestamp>-<id>/` directory.
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import logging
 import os
 import platform
@@ -41,14 +40,22 @@ from lightning.pytorch.callbacks import (
     TQDMProgressBar,
 )
 from lightning.pytorch.loggers import Logger
-from lightning.pytorch.profilers import AdvancedProfiler, Profiler, PyTorchProfiler, SimpleProfiler
+from lightning.pytorch.profilers import Profiler
 from lightning.pytorch.utilities import rank_zero_only
 
 from opsloop import __version__
-from opsloop.config import OpsloopConfig, TrainerConfig, config_hash, config_to_yaml
+from opsloop.config import (
+    PROFILERS,
+    OpsloopConfig,
+    TrainerConfig,
+    config_hash,
+    config_to_yaml,
+    parse_devices,
+    resolve_object,
+)
 from opsloop.data import Manifest, dataset_dir, load_split, read_manifest
 from opsloop.data.datamodule import ProcessedDataModule
-from opsloop.errors import CheckpointError, ConfigError, OpsloopError
+from opsloop.errors import CheckpointError, OpsloopError, first_line
 from opsloop.model import ImageClassifier
 from opsloop.tracking import Tracker, make_tracker
 
@@ -60,11 +67,6 @@ logger = logging.getLogger(__name__)
 RUN_DIR_ENV = "OPSLOOP_RUN_DIR"
 CHECKPOINT_LINEAGE_KEY = "opsloop_lineage"
 VERSIONED_PACKAGES = ("torch", "lightning", "mlflow", "numpy", "opsloop")
-_PROFILERS: dict[str, type[Profiler]] = {
-    "simple": SimpleProfiler,
-    "advanced": AdvancedProfiler,
-    "pytorch": PyTorchProfiler,
-}
 
 
 @dataclass(frozen=True)
@@ -263,8 +265,6 @@ def write_run_config(run_dir: Path, cfg: OpsloopConfig) -> None:
 @contextmanager
 def cpu_threads(count: int) -> Iterator[None]:
     """Use `count` torch CPU threads for the duration (0 keeps torch's default)."""
-    if count < 0:
-        raise ConfigError(f"trainer.num_threads={count} must be 0 (torch's default) or more")
     before = torch.get_num_threads()
     if count:
         torch.set_num_threads(count)
@@ -309,24 +309,6 @@ def build_trainer(
     )
 
 
-def parse_devices(value: str) -> int | list[int] | str:
-    """`trainer.devices` as Lightning wants it: "2" -> 2, "[0,1]" -> [0, 1], "auto" -> "auto"."""
-    text = value.strip()
-    if text == "auto":
-        return "auto"
-    try:
-        parsed = json.loads(text)
-    except ValueError:
-        parsed = None
-    if isinstance(parsed, int) and not isinstance(parsed, bool):
-        return parsed
-    if isinstance(parsed, list) and parsed and all(type(item) is int for item in parsed):
-        return cast(list[int], parsed)
-    raise ConfigError(
-        f"trainer.devices='{value}' is not a device count, a list such as [0,1], or auto"
-    )
-
-
 def batch_count(value: float) -> int | float:
     """Lightning reads a float as a fraction of the batches and an int as a number of batches."""
     return int(value) if value > 1 else value
@@ -336,15 +318,12 @@ def make_profiler(name: str | None, directory: Path) -> Profiler | None:
     """The profiler `trainer.profiler` names, writing its report files into `directory`."""
     if name is None:
         return None
-    if name not in _PROFILERS:
-        raise ConfigError(f"trainer.profiler='{name}' is unknown; use simple, advanced or pytorch")
-    return _PROFILERS[name](dirpath=str(directory), filename="profile")
+    profiler: type[Profiler] = resolve_object(PROFILERS[name])  # validated with the config
+    return profiler(dirpath=str(directory), filename="profile")
 
 
 def make_checkpoint_callback(cfg: TrainerConfig, directory: Path) -> ModelCheckpoint:
     """Keep the best checkpoints on `cfg.monitor` and the last one, under fixed names."""
-    if cfg.save_top_k == 0:
-        raise ConfigError("trainer.save_top_k=0 would keep no best checkpoint; use 1 or more")
     return ModelCheckpoint(
         dirpath=str(directory),
         # One best checkpoint keeps its name; with several, each is named by epoch and the best
@@ -423,7 +402,7 @@ def check_resume_checkpoint(path: Path, model: ImageClassifier) -> None:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # garbage bytes fail anywhere in the unpickler (IndexError, ...)
         raise CheckpointError(
-            f"cannot read checkpoint {path}: {_first_line(exc)}; "
+            f"cannot read checkpoint {path}: {first_line(exc)}; "
             "resume from a .ckpt written by `opsloop train`"
         ) from exc
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
@@ -452,11 +431,6 @@ def _first_shape_mismatch(saved: Mapping[str, Any], expected: Mapping[str, torch
 
 def _shape(shape: Any) -> str:
     return "x".join(str(d) for d in shape) if shape is not None else "not a tensor"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def settle_checkpoints(

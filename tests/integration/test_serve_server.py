@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from opsloop.serve.predlog import read_predictions
+from opsloop.predictions import read_predictions
 from tests.serve.onnx_bundles import expected_outputs, weights_of, write_bundle
 
 pytestmark = pytest.mark.integration

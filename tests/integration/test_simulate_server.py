@@ -17,7 +17,7 @@ from opsloop.cli import main
 from opsloop.config import DataConfig
 from opsloop.data import dataset_dir
 from opsloop.monitor import detect_drift, load_reference, window_from_log
-from opsloop.serve.predlog import read_predictions
+from opsloop.predictions import read_predictions
 from tests.integration.processes import serving_bundle
 
 if TYPE_CHECKING:

@@ -16,8 +16,8 @@ import pytest
 from fastapi import FastAPI
 from PIL import Image
 
+from opsloop.predictions import read_predictions
 from opsloop.serve.app import create_app
-from opsloop.serve.predlog import read_predictions
 from opsloop.serve.settings import ServeSettings, load_settings
 from tests.serve.onnx_bundles import expected_outputs, weights_of, write_bundle
 

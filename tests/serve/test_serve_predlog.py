@@ -9,17 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from opsloop.errors import ConfigError
+from opsloop.predictions import decode_input, read_predictions
 from opsloop.serve.predlog import (
     COLUMNS,
     LogRecord,
     NullPredictionLog,
     PredictionLog,
     compact_input,
-    decode_input,
     prediction_log,
-    read_predictions,
     rows_of,
 )
 
@@ -168,7 +168,7 @@ def test_a_failing_write_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     def flaky_begin() -> object:
         calls["n"] += 1
         if calls["n"] == 1:
-            raise module.OperationalError("INSERT", {}, Exception("database is locked"))
+            raise OperationalError("INSERT", {}, Exception("database is locked"))
         return real_begin()
 
     monkeypatch.setattr(original, "begin", flaky_begin)

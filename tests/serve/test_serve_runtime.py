@@ -16,7 +16,7 @@ from opsloop.bundle import BUNDLE_JSON, MODEL_FILE
 from opsloop.config import DataConfig
 from opsloop.data import dataset_dir, load_split
 from opsloop.errors import BundleError
-from opsloop.serve.runtime import SessionTuning, load_model, session_options
+from opsloop.serve.runtime import SessionTuning, load_model
 from tests.serve.onnx_bundles import expected_outputs, weights_of, write_bundle
 
 if TYPE_CHECKING:
@@ -74,8 +74,9 @@ def test_a_bundle_without_a_version_is_named_by_its_hash(tmp_path: Path) -> None
     assert len(model.version) == len("sha-") + 12
 
 
-def test_session_is_tuned() -> None:
-    options = session_options(SessionTuning(intra_op_threads=2, inter_op_threads=1))
+def test_session_is_tuned(tiny_bundle: Path) -> None:
+    model = load_model(tiny_bundle, SessionTuning(intra_op_threads=2, inter_op_threads=1))
+    options = model.session.get_session_options()
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert options.intra_op_num_threads == 2
     assert options.inter_op_num_threads == 1

@@ -1,7 +1,8 @@
 """Dataset sources: each turns a `DataConfig` into a `RawDataset` on the source's own pixel scale.
 
-A new dataset is one function here (or in its own module, like `idx.py`) plus one YAML file under
-`configs/data/`.
+A new dataset is one loader function here (or in its own module, like `idx.py`) registered in
+`SOURCES`, plus one YAML file under `configs/data/` naming it as `source`. Config validation reads
+`SOURCES`, so an unknown source fails when the config loads, listing the registered ones.
 """
 
 from __future__ import annotations
@@ -24,16 +25,11 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 
 def load_raw_dataset(cfg: DataConfig) -> RawDataset:
     """Load the dataset that `cfg.source` names."""
-    loaders: dict[str, Callable[[DataConfig], RawDataset]] = {
-        "digits": load_digits_dataset,
-        "idx": _load_idx,
-        "imagefolder": load_imagefolder_dataset,
-    }
     try:
-        loader = loaders[cfg.source]
+        loader = SOURCES[cfg.source]
     except KeyError:
         raise ConfigError(
-            f"data.source='{cfg.source}' is unknown; use one of: {', '.join(sorted(loaders))}"
+            f"data.source='{cfg.source}' is unknown; use one of: {', '.join(SOURCES)}"
         ) from None
     return loader(cfg)
 
@@ -118,3 +114,12 @@ def read_image(path: Path, *, channels: int, size: int | None) -> npt.NDArray[np
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DataError(f"cannot read image {path}: {exc}; fix or delete the file") from exc
     return array[None, :, :] if array.ndim == 2 else np.transpose(array, (2, 0, 1))
+
+
+Loader = Callable[[DataConfig], RawDataset]
+# Every dataset source by the name `data.source` gives it.
+SOURCES: dict[str, Loader] = {
+    "digits": load_digits_dataset,
+    "idx": _load_idx,
+    "imagefolder": load_imagefolder_dataset,
+}

@@ -1,12 +1,10 @@
-"""The prediction log: every prediction appended to a SQL table, off the response path.
+"""The prediction log's write side: every prediction appended to a SQL table, off the response path.
 
 Requests hand a record to `PredictionLog.append` (a deque append that wakes nobody); a
 background thread wakes every `flush_interval_s`, turns everything queued into rows and inserts
-them in batches, one transaction each, through SQLAlchemy's connection; `close()` (called on
-graceful shutdown) writes everything still queued, so nothing acknowledged is lost. SQLite in WAL
-mode is the default (several worker processes and a reader can share it); any SQLAlchemy URL,
-e.g. PostgreSQL, works in production. One row per example: arrays are stored as raw bytes with
-their dtype and shape, so `np.frombuffer(row.probabilities, np.float32)` reads them back.
+them in batches, one transaction each; `close()`, called on graceful shutdown (SIGTERM, Ctrl-C),
+writes everything still queued. Records still queued when the process is killed outright are
+lost. The table and its reader live in `opsloop.predictions`.
 """
 
 from __future__ import annotations
@@ -18,58 +16,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import orjson
-from sqlalchemy import (
-    Column,
-    Connection,
-    Engine,
-    Float,
-    Index,
-    Integer,
-    LargeBinary,
-    MetaData,
-    String,
-    Table,
-    bindparam,
-    create_engine,
-    event,
-    insert,
-    select,
-)
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy import Connection, Engine, bindparam, insert
+from sqlalchemy.exc import SQLAlchemyError
 
-from opsloop.errors import ConfigError
+from opsloop.errors import ConfigError, OpsloopError, first_line, redact_url
+from opsloop.predictions import ensure_schema, open_engine, predictions
 
 logger = logging.getLogger(__name__)
-
-metadata = MetaData()
-predictions = Table(
-    "predictions",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("request_id", String(64), nullable=False, index=True),
-    Column("item", Integer, nullable=False),  # the example's row within its request
-    Column("created_at", Float, nullable=False),  # Unix time in seconds (UTC)
-    Column("endpoint", String(16), nullable=False),
-    Column("model_name", String(128), nullable=False),
-    Column("model_version", String(64), nullable=False),
-    Column("input", LargeBinary, nullable=False),  # the example exactly as the model saw it
-    Column("input_dtype", String(8), nullable=False),  # uint8 when lossless, else float32
-    Column("input_shape", String(64), nullable=False),  # JSON, e.g. [1, 8, 8]
-    Column("probabilities", LargeBinary, nullable=False),  # float32
-    Column("embedding", LargeBinary, nullable=False),  # float32
-    Column("label", Integer, nullable=False),
-    Column("confidence", Float, nullable=False),
-    Column("latency_ms", Float, nullable=False),
-    Index("ix_predictions_created_at", "created_at"),
-    Index("ix_predictions_model_version", "model_version"),
-)
 
 RETRY_SECONDS = (0.1, 0.5, 1.0, 2.0, 5.0)
 
@@ -196,40 +154,6 @@ def insert_rows(connection: Connection, rows: Sequence[Row]) -> None:
         connection.exec_driver_sql(head + ", ".join([group] * len(chunk)), values)
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for the log; SQLite gets WAL mode and a generous lock timeout."""
-    try:
-        parsed = make_url(url)
-    except Exception as exc:
-        raise ConfigError(f"prediction-log URL {url!r} is invalid: {exc}") from exc
-    if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
-    if parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": 30})
-    event.listen(engine, "connect", _sqlite_pragmas)
-    return engine
-
-
-def _sqlite_pragmas(connection: Any, _record: Any) -> None:
-    # WAL lets several writer processes and monitoring readers share the file without blocking
-    # readers; NORMAL sync is durable across application crashes (not power loss) and much faster.
-    cursor = connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()
-
-
-def ensure_schema(engine: Engine) -> None:
-    """Create the table if it is missing; tolerate another worker creating it at the same time."""
-    try:
-        metadata.create_all(engine)
-    except OperationalError as exc:
-        if "already exists" not in str(exc):
-            raise
-    logger.debug("prediction log schema ready at %s", engine.url.render_as_string())
-
-
 class PredictionLog:
     """Appends prediction records to the database from a background thread."""
 
@@ -258,11 +182,11 @@ class PredictionLog:
     def start(self) -> None:
         """Open the database (creating the table) and start the writer thread."""
         try:
-            self._engine = make_engine(self.url)
+            self._engine = open_engine(self.url, create=True)
             ensure_schema(self._engine)
-        except (SQLAlchemyError, OSError) as exc:
+        except (SQLAlchemyError, OSError, OpsloopError) as exc:
             raise ConfigError(
-                f"cannot open the prediction log {self._safe_url()}: {_first_line(exc)}; fix "
+                f"cannot open the prediction log {redact_url(self.url)}: {first_line(exc)}; fix "
                 "OPSLOOP_PREDLOG_URL (or set it to 'none' to switch the log off)"
             ) from exc
         self._thread = threading.Thread(target=self._write_forever, name="predlog", daemon=True)
@@ -322,7 +246,7 @@ class PredictionLog:
                     "prediction log write of %d rows failed (attempt %d): %s",
                     len(rows),
                     attempt + 1,
-                    _first_line(exc),
+                    first_line(exc),
                 )
                 if pause is None:
                     logger.error("prediction log: dropped %d rows after retries", len(rows))
@@ -333,9 +257,6 @@ class PredictionLog:
             if self.on_written is not None:
                 self.on_written(len(rows))
             return
-
-    def _safe_url(self) -> str:
-        return make_url(self.url).render_as_string(hide_password=True)
 
 
 class NullPredictionLog(PredictionLog):
@@ -349,71 +270,6 @@ class NullPredictionLog(PredictionLog):
 
     def append(self, record: LogRecord) -> None:
         pass
-
-
-@dataclass(frozen=True)
-class LoggedPredictions:
-    """Rows read back from the log, arrays decoded (for monitoring and tests)."""
-
-    request_ids: list[str]
-    items: npt.NDArray[np.int64]
-    created_at: npt.NDArray[np.float64]
-    model_versions: list[str]
-    endpoints: list[str]
-    inputs: list[npt.NDArray[np.float32]]
-    probabilities: npt.NDArray[np.float32]
-    embeddings: npt.NDArray[np.float32]
-    labels: npt.NDArray[np.int64]
-    latency_ms: npt.NDArray[np.float64]
-
-    def __len__(self) -> int:
-        return len(self.request_ids)
-
-
-def read_predictions(
-    url: str, *, limit: int | None = None, since: float | None = None
-) -> LoggedPredictions:
-    """The most recent `limit` rows (oldest first), optionally only those at or after `since`."""
-    engine = make_engine(url)
-    try:
-        query = select(predictions).order_by(predictions.c.id.desc())
-        if since is not None:
-            query = query.where(predictions.c.created_at >= since)
-        if limit is not None:
-            query = query.limit(limit)
-        with engine.connect() as connection:
-            rows = list(reversed(connection.execute(query).all()))
-    finally:
-        engine.dispose()
-    return LoggedPredictions(
-        request_ids=[row.request_id for row in rows],
-        items=np.array([row.item for row in rows], dtype=np.int64),
-        created_at=np.array([row.created_at for row in rows], dtype=np.float64),
-        model_versions=[row.model_version for row in rows],
-        endpoints=[row.endpoint for row in rows],
-        inputs=[decode_input(row.input, row.input_dtype, row.input_shape) for row in rows],
-        probabilities=_stack([row.probabilities for row in rows]),
-        embeddings=_stack([row.embedding for row in rows]),
-        labels=np.array([row.label for row in rows], dtype=np.int64),
-        latency_ms=np.array([row.latency_ms for row in rows], dtype=np.float64),
-    )
-
-
-def decode_input(data: bytes, dtype: str, shape: str) -> npt.NDArray[np.float32]:
-    """A logged input back as float32 of its original shape."""
-    array = np.frombuffer(data, dtype=np.uint8 if dtype == "uint8" else "<f4")
-    return array.astype(np.float32).reshape(orjson.loads(shape))
-
-
-def _stack(blobs: Sequence[bytes]) -> npt.NDArray[np.float32]:
-    if not blobs:
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.stack([np.frombuffer(blob, dtype="<f4") for blob in blobs])
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ import numpy.typing as npt
 import orjson
 
 from opsloop import __version__
+from opsloop.bundle import EMBEDDING, PROBABILITIES
 from opsloop.errors import OpsloopError
 
 SERVER_NAME = "opsloop"
@@ -39,12 +40,11 @@ DATATYPES: dict[str, np.dtype[Any]] = {
     "INT32": np.dtype("<i4"),
     "INT64": np.dtype("<i8"),
 }
+# The model's own outputs keep their graph names; `label` is the argmax, added by the server.
 LABEL_OUTPUT = "label"
-PROBABILITIES_OUTPUT = "probabilities"
-EMBEDDING_OUTPUT = "embedding"
 # What an infer call can return; a request that names no outputs gets the first two.
-OUTPUT_DATATYPES = {PROBABILITIES_OUTPUT: "FP32", LABEL_OUTPUT: "INT64", EMBEDDING_OUTPUT: "FP32"}
-DEFAULT_OUTPUTS = (PROBABILITIES_OUTPUT, LABEL_OUTPUT)
+OUTPUT_DATATYPES = {PROBABILITIES: "FP32", LABEL_OUTPUT: "INT64", EMBEDDING: "FP32"}
+DEFAULT_OUTPUTS = (PROBABILITIES, LABEL_OUTPUT)
 HEADER_LENGTH = "inference-header-content-length"
 NON_FINITE_LITERAL = re.compile(rb"\b(NaN|-?Infinity)\b")
 
@@ -297,9 +297,9 @@ def output_tensors(
 ) -> dict[str, npt.NDArray[Any]]:
     """Every output the server offers for one request's rows."""
     return {
-        PROBABILITIES_OUTPUT: probabilities,
+        PROBABILITIES: probabilities,
         LABEL_OUTPUT: probabilities.argmax(axis=1).astype(np.int64),
-        EMBEDDING_OUTPUT: embedding,
+        EMBEDDING: embedding,
     }
 
 
@@ -359,9 +359,9 @@ def model_metadata(signature: ModelSignature, platform: str = "onnxruntime_onnx"
             {"name": signature.input_name, "datatype": "FP32", "shape": [-1, *signature.item_shape]}
         ],
         "outputs": [
-            {"name": PROBABILITIES_OUTPUT, "datatype": "FP32", "shape": [-1, classes]},
+            {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, classes]},
             {"name": LABEL_OUTPUT, "datatype": "INT64", "shape": [-1]},
-            {"name": EMBEDDING_OUTPUT, "datatype": "FP32", "shape": [-1, signature.embedding_size]},
+            {"name": EMBEDDING, "datatype": "FP32", "shape": [-1, signature.embedding_size]},
         ],
         "parameters": {"class_names": list(signature.class_names)},
     }

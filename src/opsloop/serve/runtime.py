@@ -17,13 +17,13 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from opsloop.bundle import Bundle, load_bundle
-from opsloop.errors import BundleError
-from opsloop.serve.protocol import EMBEDDING_OUTPUT, PROBABILITIES_OUTPUT, ModelSignature
+from opsloop.bundle import EMBEDDING, PROBABILITIES, Bundle, load_bundle, onnx_session
+from opsloop.errors import BundleError, first_line
+from opsloop.serve.protocol import ModelSignature
 
 logger = logging.getLogger(__name__)
 
-RUN_OUTPUTS = [PROBABILITIES_OUTPUT, EMBEDDING_OUTPUT]
+RUN_OUTPUTS = [PROBABILITIES, EMBEDDING]
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class OnnxModel:
             input_name=manifest.input.name,
             item_shape=tuple(manifest.input.shape[1:]),
             class_names=tuple(manifest.class_names),
-            embedding_size=manifest.outputs[EMBEDDING_OUTPUT].shape[-1],
+            embedding_size=manifest.outputs[EMBEDDING].shape[-1],
         )
         self._feed_name = manifest.input.name
 
@@ -69,16 +69,6 @@ class OnnxModel:
             self.predict(np.zeros((rows, *self.signature.item_shape), dtype=np.float32))
 
 
-def session_options(tuning: SessionTuning) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = tuning.intra_op_threads
-    options.inter_op_num_threads = tuning.inter_op_threads
-    options.log_severity_level = 3  # errors only: its warnings are noise on every load
-    return options
-
-
 def load_model(path: str | Path, tuning: SessionTuning | None = None) -> OnnxModel:
     """Load and verify a bundle directory into an ONNX Runtime session; BundleError if unusable."""
     bundle = load_bundle(path)
@@ -91,12 +81,15 @@ def load_model(path: str | Path, tuning: SessionTuning | None = None) -> OnnxMod
             "fully written"
         )
     try:
-        session = ort.InferenceSession(
-            model_bytes, session_options(tuning or SessionTuning()), ["CPUExecutionProvider"]
+        tuning = tuning or SessionTuning()
+        session = onnx_session(
+            model_bytes,
+            intra_op_threads=tuning.intra_op_threads,
+            inter_op_threads=tuning.inter_op_threads,
         )
     except Exception as exc:  # ONNX Runtime raises its own untyped errors for a bad graph
         raise BundleError(
-            f"ONNX Runtime cannot load {bundle.model_path}: {_first_line(exc)}; re-export it"
+            f"ONNX Runtime cannot load {bundle.model_path}: {first_line(exc)}; re-export it"
         ) from exc
     check_session(session, bundle)
     logger.info(
@@ -129,8 +122,3 @@ def check_session(session: ort.InferenceSession, bundle: Bundle) -> None:
             f"{bundle.model_path} has inputs {inputs} and outputs {sorted(outputs)}, not what "
             f"{bundle.path / 'bundle.json'} declares; re-export the bundle"
         )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

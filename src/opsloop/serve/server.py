@@ -11,12 +11,10 @@ and forwards SIGINT/SIGTERM for a graceful shutdown.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import multiprocessing
 import os
 import signal
-import socket
 import tempfile
 import time
 from multiprocessing.process import BaseProcess
@@ -26,6 +24,7 @@ from typing import Any
 from opsloop.errors import ConfigError, OpsloopError
 from opsloop.serve.metrics import MULTIPROC_ENV
 from opsloop.serve.settings import ENV_PREFIX, ServeSettings, get_settings
+from opsloop.service import check_port, logging_config, make_socket
 
 logger = logging.getLogger(__name__)
 
@@ -63,32 +62,7 @@ def preflight(settings: ServeSettings) -> None:
         log = PredictionLog(settings.resolved_predlog_url())
         log.start()  # creates the table once, so the workers do not race to create it
         log.close()
-    check_port(settings.host, settings.port)
-
-
-def check_port(host: str, port: int) -> None:
-    try:
-        with make_socket(host, port):
-            pass
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot listen on {host}:{port}: {exc.strerror or exc}; set OPSLOOP_PORT (or --port) "
-            "to a free port"
-        ) from exc
-
-
-def make_socket(host: str, port: int) -> socket.socket:
-    """A bound TCP socket that other workers can bind too (SO_REUSEPORT)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    check_port(settings.host, settings.port, f"{ENV_PREFIX}PORT")
 
 
 def export_settings(settings: ServeSettings) -> None:
@@ -128,15 +102,6 @@ def uvicorn_options(settings: ServeSettings) -> dict[str, Any]:
         "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_SECONDS,
         "server_header": False,
     }
-
-
-def logging_config(level: str) -> dict[str, Any]:
-    """uvicorn's logging config, plus our `opsloop` loggers on the same handler."""
-    from uvicorn.config import LOGGING_CONFIG
-
-    config = copy.deepcopy(LOGGING_CONFIG)
-    config["loggers"]["opsloop"] = {"handlers": ["default"], "level": level.upper()}
-    return config
 
 
 def supervise(settings: ServeSettings) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from opsloop.errors import ConfigError
+from opsloop.service import check_log_level, settings_error
 
 ENV_PREFIX = "OPSLOOP_"
 PREDLOG_OFF = "none"
@@ -73,9 +73,7 @@ class ServeSettings(BaseSettings):
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:
-        if value.lower() not in {"debug", "info", "warning", "error"}:
-            raise ValueError(f"unknown log level {value!r}")
-        return value.lower()
+        return check_log_level(value)
 
     @field_validator("predlog_url")
     @classmethod
@@ -113,17 +111,7 @@ def load_settings(**overrides: Any) -> ServeSettings:
     try:
         return ServeSettings(**overrides)
     except ValidationError as exc:
-        raise ConfigError(settings_error_message(exc)) from exc
-
-
-def settings_error_message(exc: ValidationError) -> str:
-    """The first problem as `OPSLOOP_X='value' is invalid: reason; hint`."""
-    first = exc.errors()[0]
-    field = str(first["loc"][0]) if first["loc"] else "?"
-    value = first.get("input")
-    reason = first["msg"].removeprefix("Value error, ")
-    hint = HINTS.get(field, "fix or unset it")
-    return f"{ENV_PREFIX}{field.upper()}={value!r} is invalid: {reason}; {hint}"
+        raise settings_error(exc, ENV_PREFIX, HINTS) from exc
 
 
 @functools.lru_cache(maxsize=1)
