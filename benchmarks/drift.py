@@ -33,7 +33,7 @@ import numpy.typing as npt
 from opsloop.bundle import Bundle, load_bundle, onnx_session, run_onnx
 from opsloop.config import DataConfig, load_config
 from opsloop.corruption import CORRUPTIONS, to_dtype
-from opsloop.data import load_split, prepare_dataset, read_manifest
+from opsloop.data import load_split, prepare_dataset
 from opsloop.monitor import ReferenceData, Window, detect_drift, load_reference
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,34 +185,10 @@ def write_docs(text: str) -> None:
 
 def build_bundle(data: DataConfig, workdir: Path) -> Bundle:
     """Train a small CNN for a few epochs (as the tests do) and export it: about a minute."""
-    import lightning as L
-
-    from opsloop.config import ModelConfig, OptimConfig
-    from opsloop.data.datamodule import ProcessedDataModule
     from opsloop.export import export_bundle
-    from opsloop.model import ImageClassifier
+    from opsloop.train import fit_checkpoint
 
-    manifest = read_manifest(Path(data.processed_dir) / data.name)
-    L.seed_everything(0)
-    classifier = ImageClassifier.for_dataset(
-        ModelConfig(channels=8, depth=1, hidden=32, dropout=0.0),
-        OptimConfig(lr=0.01),
-        image_shape=manifest.image_shape,
-        class_names=manifest.class_names,
-        pixel_mean=manifest.pixel_mean,
-        pixel_std=manifest.pixel_std,
-        pixel_max=manifest.pixel_max,
-    )
-    trainer = L.Trainer(
-        max_epochs=EPOCHS,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(classifier, ProcessedDataModule.from_config(data))
-    checkpoint = workdir / "model.ckpt"
-    trainer.save_checkpoint(checkpoint)
+    checkpoint = fit_checkpoint(data, workdir / "model.ckpt", epochs=EPOCHS)
     return load_bundle(
         export_bundle(checkpoint, data, workdir / "bundle", model_name="digits").path
     )

@@ -1,5 +1,5 @@
 # The drift-monitor image: the serving dependencies plus the `monitor` extra (Evidently, pandas,
-# scipy), pinned from uv.lock, running `opsloop monitor --serve` as a non-root user.
+# scipy), pinned from uv.lock, running `opsloop monitor serve` as a non-root user.
 #
 #   docker build -f dockerfiles/monitor.dockerfile -t opsloop-monitor .
 #   docker run --rm -p 8001:8001 -v "$PWD/bundles/digits-cnn:/bundle:ro" \
@@ -41,4 +41,4 @@ WORKDIR /var/lib/opsloop
 EXPOSE 8001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/health' % os.environ.get('OPSLOOP_MONITOR_PORT', '8001'), timeout=2)"]
-ENTRYPOINT ["opsloop", "monitor", "--serve"]
+ENTRYPOINT ["opsloop", "monitor", "serve"]

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from opsloop.config import DataConfig, ModelConfig, OptimConfig
-from opsloop.data import prepare_dataset, read_manifest
+from opsloop.config import DataConfig
+from opsloop.data import prepare_dataset
 from tests.support import CONFIG_DIR, make_config
 
 if TYPE_CHECKING:
@@ -44,36 +44,12 @@ def digits_cfg(workspace: Path) -> DataConfig:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DataConfig]:
     """A small CNN trained for a few epochs on digits, saved as a Lightning checkpoint."""
-    import lightning as L
-
-    from opsloop.data.datamodule import ProcessedDataModule
-    from opsloop.model import ImageClassifier
+    from opsloop.train import fit_checkpoint
 
     workspace = tmp_path_factory.mktemp("export")
     data = make_config(workspace).data
     prepare_dataset(data)
-    manifest = read_manifest(Path(data.processed_dir) / data.name)
-    L.seed_everything(0)
-    classifier = ImageClassifier.for_dataset(
-        ModelConfig(channels=8, depth=1, hidden=32, dropout=0.0),
-        OptimConfig(lr=0.01),
-        image_shape=manifest.image_shape,
-        class_names=manifest.class_names,
-        pixel_mean=manifest.pixel_mean,
-        pixel_std=manifest.pixel_std,
-        pixel_max=manifest.pixel_max,
-    )
-    trainer = L.Trainer(
-        max_epochs=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(classifier, ProcessedDataModule.from_config(data))
-    checkpoint = workspace / "model.ckpt"
-    trainer.save_checkpoint(checkpoint)
-    return checkpoint, data
+    return fit_checkpoint(data, workspace / "model.ckpt"), data
 
 
 @pytest.fixture(scope="session")

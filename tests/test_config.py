@@ -34,8 +34,17 @@ def test_every_config_file_loads(group: str, option: str) -> None:
     extra = ["data.root=/some/dir"] if option == "imagefolder" else []
     cfg = load_config([f"{group}={option}", *extra], config_dir=CONFIG_DIR)
     assert isinstance(cfg, OpsloopConfig)
-    if hasattr(cfg, group):  # experiment/ and debug/ files patch the root instead
-        assert getattr(cfg, group) is not None
+    if not hasattr(cfg, group):  # experiment/ and debug/ files patch the root: run below
+        return
+    from omegaconf import OmegaConf
+
+    # Every plain value the file sets is what the typed config holds.
+    written = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml"))
+    assert isinstance(written, dict)
+    section = getattr(cfg, group)
+    for key, value in written.items():
+        if key != "defaults" and value != "???" and not isinstance(value, dict | list):
+            assert getattr(section, str(key)) == value, f"{group}/{option}.yaml: {key}"
 
 
 def test_default_config_is_typed_digits() -> None:
@@ -108,3 +117,67 @@ def test_config_hash_is_stable_and_sensitive() -> None:
     assert config_hash(first) == config_hash(again)
     assert config_hash(first) != config_hash(other)
     assert "seed: 42" in config_to_yaml(first)
+
+
+# --- every experiment and debug config is run, not only composed -------------------------------
+
+
+def fake_mnist_cache(cache_dir: Path) -> list[str]:
+    """Small random MNIST-format IDX files in the download cache, with checksum overrides.
+
+    The real files cannot be downloaded here; these have MNIST's names, shapes and scale, so
+    `experiment=mnist` runs exactly its own code path (the cache hit skips the download).
+    """
+    import gzip
+    import hashlib
+    import struct
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train_images": ("train-images-idx3-ubyte.gz", rng.integers(0, 256, (300, 28, 28))),
+        "train_labels": ("train-labels-idx1-ubyte.gz", np.arange(300) % 10),
+        "test_images": ("t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (60, 28, 28))),
+        "test_labels": ("t10k-labels-idx1-ubyte.gz", np.arange(60) % 10),
+    }
+    overrides = []
+    (cache_dir / "mnist").mkdir(parents=True)
+    for key, (filename, array) in arrays.items():
+        header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
+            f">{array.ndim}I", *array.shape
+        )
+        payload = gzip.compress(header + array.astype(np.uint8).tobytes())
+        (cache_dir / "mnist" / filename).write_bytes(payload)
+        overrides.append(f"data.files.{key}.sha256={hashlib.sha256(payload).hexdigest()}")
+    return overrides
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "override",
+    [f"experiment={name}" for name in list_group_options(CONFIG_DIR, "experiment")]
+    + [f"debug={name}" for name in list_group_options(CONFIG_DIR, "debug")],
+)
+def test_every_experiment_and_debug_config_runs(override: str, tmp_path: Path) -> None:
+    """Prepare the data and train with each file: a config that cannot run fails here."""
+    from opsloop.data import prepare_dataset
+    from opsloop.train import train_model
+
+    common = [
+        f"workspace={tmp_path}",
+        f"data.processed_dir={tmp_path / 'processed'}",
+        f"data.cache_dir={tmp_path / 'raw'}",
+        "logger=none",
+    ]
+    extra: list[str] = []
+    if override.startswith("experiment="):
+        # One batch of each split: the experiment's data, model and trainer, briefly.
+        extra.append("debug=fast_dev_run")
+    if override == "experiment=mnist":
+        extra += fake_mnist_cache(tmp_path / "raw")
+    cfg = load_config([override, *extra, *common], config_dir=CONFIG_DIR)
+    prepare_dataset(cfg.data)
+    result = train_model(cfg)
+    assert result.best_checkpoint.is_file()
+    assert 0.0 <= result.metrics["test/acc"] <= 1.0

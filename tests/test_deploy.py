@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
-from opsloop.monitor_service import MonitorMetrics
+from opsloop.monitor.metrics import MonitorMetrics
 from opsloop.serve.metrics import ServeMetrics
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,14 +17,13 @@ from opsloop.data import dataset_dir, prepare_dataset, read_manifest
 from opsloop.errors import CheckpointError, DataError
 from opsloop.evaluate import (
     EvalResult,
-    ModelSpec,
     calibration_bins,
-    check_compatible,
     confusion_matrix,
     evaluate_model,
     per_class_metrics,
     warn_if_other_version,
 )
+from opsloop.model import ModelSpec, check_checkpoint_fits
 from tests.support import CONFIG_DIR, make_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -209,12 +208,27 @@ def test_lineage_names_the_training_data_in_errors_and_warnings(
     manifest = read_manifest(path)
     spec = ModelSpec([1, 28, 28], manifest.class_names, 255.0)
     with pytest.raises(DataError, match=r"\(data=mnist\)$"):
-        check_compatible(spec, manifest, Path("m.ckpt"), path, trained_on="mnist")
+        check_checkpoint_fits(spec, manifest, Path("m.ckpt"), path, trained_on="mnist")
     warn_if_other_version({"dataset_hash": manifest.content_hash}, manifest, Path("m.ckpt"))
     assert not caplog.records
     other = {"dataset_name": "digits", "dataset_hash": "f" * 64}
     warn_if_other_version(other, manifest, Path("m.ckpt"))
     assert "another version of the data" in caplog.text
+
+
+def test_another_pixel_scale_alone_is_refused(digits: DataConfig) -> None:
+    """Export and evaluation share this check; the export's old copy ignored the pixel scale."""
+    path = dataset_dir(digits)
+    manifest = read_manifest(path)
+    same_but_scale = ModelSpec(list(manifest.image_shape), manifest.class_names, 255.0)
+    with pytest.raises(DataError, match=r"on a 0-255 scale, but dataset .* on a 0-16 scale"):
+        check_checkpoint_fits(same_but_scale, manifest, Path("m.ckpt"), path)
+    check_checkpoint_fits(
+        ModelSpec(list(manifest.image_shape), manifest.class_names, manifest.pixel_max),
+        manifest,
+        Path("m.ckpt"),
+        path,
+    )
 
 
 def test_corrupt_checkpoint_is_a_checkpoint_error(digits: DataConfig, tmp_path: Path) -> None:

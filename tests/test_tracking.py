@@ -21,6 +21,7 @@ from opsloop.tracking import (
     artifact_root,
     check_tracking_reachable,
     checkpoint_for_run,
+    connect_tracking_store,
     create_run,
     ensure_experiment,
     finish_run,
@@ -28,8 +29,10 @@ from opsloop.tracking import (
     log_metrics_to_run,
     log_params_to_run,
     make_tracker,
+    reopen_run,
     resolve_tracking_uri,
     run_lineage,
+    set_run_tags,
 )
 
 
@@ -170,6 +173,55 @@ def test_run_helpers_round_trip_through_the_sqlite_store(store: tuple[Path, str]
     experiment = client.get_experiment(experiment_id)
     assert experiment.artifact_location == artifact_root(workspace).as_uri()
     assert (artifact_root(workspace) / child / "artifacts" / "evaluation").is_dir()
+
+
+def test_tags_status_and_reopening_of_an_existing_run(store: tuple[Path, str]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    workspace, uri = store
+    run_id = create_run(uri, workspace, experiment="reopened", tags={"kept": "yes"})
+    set_run_tags(run_id, uri, {"optuna.state": "PRUNED", "best.optim.lr": "0.01"})
+    finish_run(run_id, uri, "KILLED")
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["optuna.state"] == "PRUNED"
+    assert run.data.tags["best.optim.lr"] == "0.01"
+    assert run.data.tags["kept"] == "yes"
+    assert reopen_run(run_id, uri) is True
+    assert client.get_run(run_id).info.status == "RUNNING"
+    assert reopen_run("no-such-run", uri) is False  # another store's run: start a new one here
+
+
+def test_tagging_an_unknown_run_is_a_one_line_tracking_error(store: tuple[Path, str]) -> None:
+    _, uri = store
+    with pytest.raises(TrackingError, match=rf"the tracking store {uri} refused a request: \S"):
+        set_run_tags("no-such-run", uri, {"a": "b"})
+    with pytest.raises(TrackingError, match=r"refused a request") as info:
+        finish_run("no-such-run", uri, "KILLED")
+    assert "\n" not in str(info.value)
+
+
+def test_connecting_creates_a_new_sqlite_store_at_once(tmp_path: Path) -> None:
+    database = tmp_path / "fresh" / "mlflow.db"
+    uri = f"sqlite:///{database}"
+    check_tracking_reachable(uri)  # makes the directory, as training does first
+    assert not database.exists()
+    connect_tracking_store(uri)
+    assert database.is_file()
+    connect_tracking_store(uri)  # an existing store is just opened
+
+
+def test_an_unusable_store_is_a_one_line_error_naming_it(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    uri = f"sqlite:///{blocker / 'mlflow.db'}"
+    with pytest.raises(
+        TrackingError, match=r"cannot open the tracking store .*OPSLOOP_TRACKING_URI"
+    ) as info:
+        connect_tracking_store(uri)
+    assert str(blocker) in str(info.value)
+    assert "\n" not in str(info.value)
 
 
 def test_checkpoint_for_run_downloads_the_best_checkpoint(

@@ -4,6 +4,7 @@ reproducibility, the null and W&B trackers, and failing fast on bad input."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import socket
 import subprocess
@@ -401,6 +402,41 @@ def test_cli_missing_data_exits_1(workspace: Path, capsys: pytest.CaptureFixture
     args = ["train", f"workspace={workspace}", f"data.processed_dir={workspace / 'none'}"]
     assert main(args) == 1
     assert "opsloop data data=digits" in capsys.readouterr().err
+
+
+def test_a_non_interactive_run_logs_one_line_per_epoch_not_bars_and_tables(
+    processed: Path,
+    workspace: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="opsloop")
+    cfg = tiny_train_config(workspace, processed, "logger=none", "trainer.enable_progress_bar=true")
+    train_model(cfg)
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err
+    assert "Total params" not in printed  # Lightning's model summary
+    assert "it/s" not in printed
+    assert "\r" not in printed
+    epochs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert [line.split(":")[0] for line in epochs] == ["epoch 1/2", "epoch 2/2"]
+    assert "val/acc=" in epochs[-1]
+
+
+def test_an_interactive_run_keeps_its_progress_bar_and_summary(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from opsloop import train
+
+    monkeypatch.setattr(train, "interactive", lambda: True)
+    cfg = tiny_train_config(Path("unused"), Path("unused"), "trainer.enable_progress_bar=true")
+    callbacks = train.standard_callbacks(cfg.trainer, with_logger=False)
+    assert any(isinstance(callback, RichProgressBar) for callback in callbacks)
+    assert not any(isinstance(callback, train.EpochLog) for callback in callbacks)
+    trainer = train.build_trainer(cfg.trainer, Path("unused"), callbacks=callbacks, logger=False)
+    assert any(type(c).__name__.endswith("ModelSummary") for c in trainer.callbacks)
 
 
 # --- small parts --------------------------------------------------------------------------

@@ -4,6 +4,9 @@ Each config group under `configs/` has a dataclass schema here. `load_config(["d
 composes `configs/config.yaml` with Hydra, validates it against the schema (an unknown key or a
 wrong type fails with the key's name) and returns the typed `OpsloopConfig`. Stage functions then
 receive only their own typed section, never a raw DictConfig.
+
+Why one file of ~500 lines: the schemas and every check on them belong together, so that
+`opsloop config` rejects exactly what a stage would; it imports nothing heavy.
 """
 
 from __future__ import annotations

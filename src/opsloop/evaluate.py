@@ -4,6 +4,9 @@ Run `opsloop evaluate --checkpoint PATH` (or `--run-id ID` to evaluate an MLflow
 report back into it), or call `evaluate_model(checkpoint, cfg.data, out_dir=DIR)`. The report in
 `out_dir` holds metrics.json, per_class.csv, robustness.md, confusion_matrix.png and
 reliability_diagram.png. Imports torch: use it where training code is installed.
+
+Why one file of ~500 lines: one stage, most of it small pure metric functions (confusion,
+per-class, calibration, robustness) and the two plots, each tested on its own.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from opsloop.config import DataConfig, LoggerConfig
 from opsloop.corruption import CORRUPTIONS, SEVERITIES
 from opsloop.data import Manifest, dataset_dir, load_split, read_manifest
 from opsloop.errors import DataError
-from opsloop.model import load_classifier
+from opsloop.model import ModelSpec, check_checkpoint_fits, load_classifier
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -63,27 +66,6 @@ class EvalResult:
     def worst_corruption(self) -> dict[str, Any]:
         """The robustness row with the lowest accuracy."""
         return min(self.robustness, key=lambda row: float(row["accuracy"]))
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What a checkpoint expects of its input, from its saved hyperparameters."""
-
-    image_shape: list[int]
-    class_names: list[str]
-    pixel_max: float
-
-    @classmethod
-    def from_hparams(cls, hparams: Any) -> ModelSpec:
-        return cls(
-            image_shape=[int(d) for d in hparams["image_shape"]],
-            class_names=[str(name) for name in hparams["class_names"]],
-            pixel_max=float(hparams["pixel_max"]),
-        )
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
 
 
 @dataclass(frozen=True)
@@ -140,7 +122,7 @@ def evaluate_model(
     lineage = checkpoint_lineage(checkpoint)
     path = dataset_dir(data)
     manifest = read_manifest(path)
-    check_compatible(spec, manifest, checkpoint, path, trained_on=lineage.get("dataset_name"))
+    check_checkpoint_fits(spec, manifest, checkpoint, path, trained_on=lineage.get("dataset_name"))
     warn_if_other_version(lineage, manifest, checkpoint)
     arrays = load_split(path, split)
     logger.info("evaluating %s on %s/%s (%d images)", checkpoint, path, split, len(arrays.labels))
@@ -260,34 +242,6 @@ def warn_if_other_version(lineage: dict[str, str], manifest: Manifest, checkpoin
             manifest.name,
             manifest.content_hash[:12],
         )
-
-
-def check_compatible(
-    spec: ModelSpec,
-    manifest: Manifest,
-    checkpoint: Path,
-    path: Path,
-    *,
-    trained_on: str | None = None,
-) -> None:
-    """Fail, naming both sides, when the dataset is not the kind the checkpoint was trained on."""
-    expected = _describe(spec.image_shape, len(spec.class_names), spec.pixel_max)
-    found = _describe(manifest.image_shape, manifest.num_classes, manifest.pixel_max)
-    fix = f"evaluate on the dataset the model was trained on (data={trained_on or '<name>'})"
-    if expected != found:
-        raise DataError(
-            f"checkpoint {checkpoint} expects {expected}, but dataset {path} has {found}; {fix}"
-        )
-    if spec.class_names != manifest.class_names:
-        raise DataError(
-            f"checkpoint {checkpoint} has classes {spec.class_names}, but dataset {path} has "
-            f"{manifest.class_names}; {fix}"
-        )
-
-
-def _describe(image_shape: Sequence[int], num_classes: int, pixel_max: float) -> str:
-    shape = "x".join(str(d) for d in image_shape)
-    return f"{shape} images in {num_classes} classes on a 0-{pixel_max:g} scale"
 
 
 def predict_log_probs(

@@ -6,6 +6,9 @@ monitoring without torch) and the logits. The export fails loudly, writing nothi
 Runtime matches the torch model on held-out data. Optionally adds a dynamic int8 model.
 
     opsloop export --checkpoint outputs/.../best.ckpt --out bundles/digits
+
+Why one file of ~450 lines: one stage whose steps (ONNX export, parity check, quantization,
+reference sample, manifest, model card) run in order inside one staged directory.
 """
 
 from __future__ import annotations
@@ -41,14 +44,16 @@ from opsloop.bundle import (
     onnx_session,
     run_onnx,
 )
-from opsloop.config import DataConfig
+from opsloop.config import DataConfig, OpsloopConfig
 from opsloop.data import Manifest, dataset_dir, load_split, read_manifest
-from opsloop.errors import BundleError, DataError, ExportError
-from opsloop.model import ConvNet, load_classifier
+from opsloop.errors import BundleError, ExportError
+from opsloop.model import ConvNet, ModelSpec, check_checkpoint_fits, load_classifier
 
 logger = logging.getLogger(__name__)
 
 PARITY_TOLERANCE = 1e-4
+# The training run's tags a bundle carries as its lineage (plus run_id, git_dirty and seed).
+LINEAGE_TAGS = ("git_commit", "dataset_name", "dataset_hash", "config_hash")
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,50 @@ class ExportResult:
     parity_samples: int
     quantization: dict[str, Any] | None = None
     files: list[str] = field(default_factory=list)
+
+
+def lineage_from_run(tags: Mapping[str, str], run_id: str) -> dict[str, Any]:
+    """A bundle's lineage from its training run's tags: code, data, config, seed and the run.
+
+    The one rule for what a bundle records, whether `opsloop pipeline` or `opsloop export
+    --run-id` wrote it; typed as `bundle.Lineage` declares (a bool for git_dirty, an int seed).
+    """
+    lineage: dict[str, Any] = {key: tags[key] for key in LINEAGE_TAGS if key in tags}
+    lineage["run_id"] = run_id
+    if "git_dirty" in tags:
+        lineage["git_dirty"] = tags["git_dirty"] == "true"
+    if tags.get("seed", "").isdigit():
+        lineage["seed"] = int(tags["seed"])
+    return lineage
+
+
+def export_run(
+    run_id: str,
+    cfg: OpsloopConfig,
+    out_dir: Path,
+    *,
+    model_version: str | None = None,
+    metrics: Mapping[str, float] | None = None,
+    quantize: bool = False,
+) -> ExportResult:
+    """Export a tracked run's best checkpoint, with the run's lineage, into `out_dir`."""
+    import tempfile
+
+    from opsloop.tracking import checkpoint_for_run, resolve_tracking_uri, run_lineage
+
+    uri = resolve_tracking_uri(cfg.logger, Path(cfg.workspace))
+    with tempfile.TemporaryDirectory(prefix="opsloop-export-") as scratch:
+        checkpoint = checkpoint_for_run(run_id, uri, Path(scratch))
+        return export_bundle(
+            checkpoint,
+            cfg.data,
+            out_dir,
+            model_name=cfg.registry.model_name,
+            model_version=model_version,
+            lineage=lineage_from_run(run_lineage(run_id, uri), run_id),
+            metrics=metrics,
+            quantize=quantize,
+        )
 
 
 def export_bundle(
@@ -82,7 +131,7 @@ def export_bundle(
     hparams = dict(classifier.hparams)
     dataset = dataset_dir(data)
     manifest = read_manifest(dataset)
-    check_dataset_matches(hparams, manifest, checkpoint)
+    check_checkpoint_fits(ModelSpec.from_hparams(hparams), manifest, checkpoint, dataset)
     test = load_split(dataset, "test")
     reference = load_split(dataset, "val")
     try:
@@ -122,18 +171,6 @@ def export_bundle(
         quantization=quantization,
         files=[*sorted(bundle_manifest.files), BUNDLE_JSON],
     )
-
-
-def check_dataset_matches(hparams: Mapping[str, Any], manifest: Manifest, checkpoint: Path) -> None:
-    """The checkpoint must have been trained on data of this shape and these classes."""
-    if list(hparams["image_shape"]) != list(manifest.image_shape) or list(
-        hparams["class_names"]
-    ) != list(manifest.class_names):
-        raise DataError(
-            f"checkpoint {checkpoint} expects images {hparams['image_shape']} with "
-            f"{len(hparams['class_names'])} classes but dataset {manifest.name} has "
-            f"{manifest.image_shape} with {manifest.num_classes}; pass the matching data=..."
-        )
 
 
 @contextlib.contextmanager

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 import torch
@@ -20,7 +20,10 @@ import torchmetrics
 from torch import Tensor, nn
 
 from opsloop.config import MODELS, ModelConfig, OptimConfig, resolve_object
-from opsloop.errors import CheckpointError, ConfigError, first_line
+from opsloop.errors import CheckpointError, ConfigError, DataError, first_line
+
+if TYPE_CHECKING:
+    from opsloop.data import Manifest
 
 
 class Normalize(nn.Module):
@@ -307,3 +310,53 @@ def load_classifier(path: str | Path) -> ImageClassifier:
         ) from exc
     classifier.eval()
     return classifier
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a checkpoint expects of its input, from its saved hyperparameters."""
+
+    image_shape: list[int]
+    class_names: list[str]
+    pixel_max: float
+
+    @classmethod
+    def from_hparams(cls, hparams: Any) -> ModelSpec:
+        return cls(
+            image_shape=[int(d) for d in hparams["image_shape"]],
+            class_names=[str(name) for name in hparams["class_names"]],
+            pixel_max=float(hparams["pixel_max"]),
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def check_checkpoint_fits(
+    spec: ModelSpec,
+    manifest: Manifest,
+    checkpoint: Path,
+    path: Path,
+    *,
+    trained_on: str | None = None,
+) -> None:
+    """Fail, naming both sides, when the dataset is not the kind the checkpoint was trained on:
+    another image shape, class list or pixel scale. Export and evaluation both check this."""
+    expected = _describe(spec.image_shape, len(spec.class_names), spec.pixel_max)
+    found = _describe(manifest.image_shape, manifest.num_classes, manifest.pixel_max)
+    fix = f"use the dataset the model was trained on (data={trained_on or '<name>'})"
+    if expected != found:
+        raise DataError(
+            f"checkpoint {checkpoint} expects {expected}, but dataset {path} has {found}; {fix}"
+        )
+    if spec.class_names != manifest.class_names:
+        raise DataError(
+            f"checkpoint {checkpoint} has classes {spec.class_names}, but dataset {path} has "
+            f"{manifest.class_names}; {fix}"
+        )
+
+
+def _describe(image_shape: Sequence[int], num_classes: int, pixel_max: float) -> str:
+    shape = "x".join(str(d) for d in image_shape)
+    return f"{shape} images in {num_classes} classes on a 0-{pixel_max:g} scale"

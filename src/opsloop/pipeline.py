@@ -17,30 +17,18 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from opsloop.config import OpsloopConfig
 from opsloop.errors import ConfigError
+from opsloop.workspace import GENERATED_CONFIG_HEADER, Workspace
+
+if TYPE_CHECKING:
+    from opsloop.export import ExportResult
+    from opsloop.registry import VersionInfo
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class PipelinePaths:
-    """Where each stage writes: the outs that dvc.yaml declares."""
-
-    run_dir: Path
-    evaluation: Path
-    candidate: Path
-
-    @classmethod
-    def under(cls, workspace: Path) -> PipelinePaths:
-        return cls(
-            run_dir=workspace / "models" / "latest",
-            evaluation=workspace / "reports" / "evaluation",
-            candidate=workspace / "bundles" / "candidate",
-        )
 
 
 @dataclass
@@ -84,7 +72,7 @@ def run_pipeline(cfg: OpsloopConfig) -> PipelineResult:
     """Run every stage with `cfg`; the registry and bundles live in the tracking store."""
     from opsloop.data import prepare_dataset
     from opsloop.evaluate import evaluate_run
-    from opsloop.export import export_bundle
+    from opsloop.export import export_bundle, lineage_from_run
     from opsloop.registry import (
         CHAMPION,
         ModelRef,
@@ -101,14 +89,13 @@ def run_pipeline(cfg: OpsloopConfig) -> PipelineResult:
             f"logger.name={cfg.logger.name}: the pipeline registers models in MLflow; "
             "use logger=mlflow (the default)"
         )
-    workspace = Path(cfg.workspace)
-    uri = resolve_tracking_uri(cfg.logger, workspace)
+    workspace = Workspace(Path(cfg.workspace))
+    uri = resolve_tracking_uri(cfg.logger, workspace.root)
     name = cfg.registry.model_name
     stages: list[StageTiming] = []
     # The same output paths as dvc.yaml's stages, so `dvc commit` can record this run.
-    paths = PipelinePaths.under(workspace)
     if cfg.run_dir is None:
-        cfg = dataclasses.replace(cfg, run_dir=str(paths.run_dir))
+        cfg = dataclasses.replace(cfg, run_dir=str(workspace.pipeline_run_dir))
 
     data = timed(stages, "data", lambda: prepare_dataset(cfg.data), _describe_data)
     trained = timed(stages, "train", lambda: train_model(cfg), _describe_training)
@@ -120,8 +107,8 @@ def run_pipeline(cfg: OpsloopConfig) -> PipelineResult:
             run_id,
             cfg.data,
             cfg.logger,
-            workspace=workspace,
-            out_dir=paths.evaluation,
+            workspace=workspace.root,
+            out_dir=workspace.evaluation_dir,
             seed=cfg.seed,
         ),
         lambda result: (
@@ -140,10 +127,10 @@ def run_pipeline(cfg: OpsloopConfig) -> PipelineResult:
         lambda: export_bundle(
             trained.best_checkpoint,
             cfg.data,
-            paths.candidate,
+            workspace.candidate_bundle,
             model_name=name,
             model_version=version.version,
-            lineage=_lineage(run_lineage(run_id, uri), run_id),
+            lineage=lineage_from_run(run_lineage(run_id, uri), run_id),
             metrics=_bundle_metrics(trained.metrics, evaluation.metrics),
             evaluation={"per_class": evaluation.per_class, "robustness": evaluation.robustness},
             quantize=cfg.registry.quantize,
@@ -154,12 +141,10 @@ def run_pipeline(cfg: OpsloopConfig) -> PipelineResult:
     decision = timed(
         stages,
         "promote",
-        lambda: promote_model(
-            name, cfg.registry, cfg.data, uri, cache_dir=workspace / ".opsloop" / "bundles"
-        ),
+        lambda: promote_model(name, cfg.registry, cfg.data, uri, cache_dir=workspace.bundle_cache),
         lambda d: ("promoted" if d.promoted else "refused") + f": {d.reason}",
     )
-    served = workspace / cfg.registry.bundle_dir / name
+    served = workspace.served_bundle(cfg.registry.bundle_dir, name)
     champion_bundle, champion = timed(
         stages,
         "materialise",
@@ -181,6 +166,43 @@ def run_pipeline(cfg: OpsloopConfig) -> PipelineResult:
     )
 
 
+def register_run(
+    cfg: OpsloopConfig, run_id: str, *, alias: str | None = "challenger"
+) -> tuple[VersionInfo, ExportResult]:
+    """Register a training run's model as a new version, with its verified bundle attached.
+
+    What `opsloop register` runs: a version the gate can score needs its bundle, so the run's
+    best checkpoint is exported (with the run's test and evaluation metrics) and attached. If
+    the export fails, the version is deleted again: no version is left without its bundle.
+    """
+    from opsloop.export import export_run
+    from opsloop.registry import attach_bundle, delete_version, register_model
+    from opsloop.tracking import resolve_tracking_uri, run_metrics
+
+    workspace = Workspace(Path(cfg.workspace))
+    uri = resolve_tracking_uri(cfg.logger, workspace.root)
+    info = register_model(run_id, cfg.registry.model_name, uri, alias=alias)
+    try:
+        metrics = {
+            key: value
+            for key, value in run_metrics(run_id, uri).items()
+            if key.startswith(("test/", "eval/"))
+        }
+        exported = export_run(
+            run_id,
+            cfg,
+            workspace.candidate_bundle,
+            model_version=info.version,
+            metrics=metrics,
+            quantize=cfg.registry.quantize,
+        )
+        attach_bundle(info, exported.path, uri)
+    except BaseException:
+        delete_version(info, uri)
+        raise
+    return info, exported
+
+
 def _require_run_id(run_id: str | None) -> str:
     if run_id is None:
         raise ConfigError("training produced no MLflow run; the pipeline needs logger=mlflow")
@@ -196,17 +218,6 @@ def _describe_training(result: Any) -> str:
     return f"run {result.run_id}, test acc {result.metrics.get('test/acc', float('nan')):.4f}"
 
 
-def _lineage(tags: Mapping[str, str], run_id: str) -> dict[str, Any]:
-    keys = ("git_commit", "dataset_name", "dataset_hash", "config_hash")
-    lineage: dict[str, Any] = {key: tags[key] for key in keys if key in tags}
-    lineage["run_id"] = run_id
-    if "git_dirty" in tags:
-        lineage["git_dirty"] = tags["git_dirty"] == "true"
-    if tags.get("seed", "").isdigit():
-        lineage["seed"] = int(tags["seed"])
-    return lineage
-
-
 def _bundle_metrics(
     train: Mapping[str, float], evaluation: Mapping[str, float]
 ) -> dict[str, float]:
@@ -215,7 +226,7 @@ def _bundle_metrics(
     return metrics
 
 
-def record_in_dvc(cfg: OpsloopConfig, workspace: Path) -> str:
+def record_in_dvc(cfg: OpsloopConfig, workspace: Workspace) -> str:
     """Record this run's outputs as dvc.yaml's stage results, so `dvc repro` finds them current.
 
     Only in a DVC project whose root is the workspace; params.yaml is regenerated from the exact
@@ -224,14 +235,14 @@ def record_in_dvc(cfg: OpsloopConfig, workspace: Path) -> str:
     from opsloop.atomic import write_text_atomically
     from opsloop.config import config_to_yaml
 
-    if not (workspace / "dvc.yaml").is_file() or not (workspace / ".dvc").is_dir():
+    root = workspace.root
+    if not (root / "dvc.yaml").is_file() or not (root / ".dvc").is_dir():
         return "skipped (the workspace is not a DVC project)"
-    header = "# Generated by `opsloop config` from configs/: edit those, not this file.\n"
     plain = dataclasses.replace(cfg, run_dir=None)  # the train stage passes run_dir itself
-    write_text_atomically(workspace / "params.yaml", header + config_to_yaml(plain))
+    write_text_atomically(workspace.params_file, GENERATED_CONFIG_HEADER + config_to_yaml(plain))
     command = [sys.executable, "-m", "dvc", "commit", "--force", "--quiet"]
     done = subprocess.run(
-        command, cwd=workspace, capture_output=True, text=True, check=False, timeout=600
+        command, cwd=root, capture_output=True, text=True, check=False, timeout=600
     )
     if done.returncode != 0:
         first = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[0]

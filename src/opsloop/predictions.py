@@ -10,6 +10,7 @@ production. Arrays are stored as raw little-endian bytes with their dtype and sh
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,8 @@ from opsloop.errors import PredictionLogError, first_line, redact_url
 logger = logging.getLogger(__name__)
 
 PREDLOG_URL_ENV = "OPSLOOP_PREDLOG_URL"
+WORKSPACE_ENV = "OPSLOOP_WORKSPACE"
+LOG_OFF = "none"  # OPSLOOP_PREDLOG_URL=none switches the server's log off
 metadata = MetaData()
 predictions = Table(
     "predictions",
@@ -65,6 +68,20 @@ predictions = Table(
 )
 
 
+def default_log_url() -> str:
+    """The log `opsloop serve` writes with the same environment: `OPSLOOP_PREDLOG_URL`, else
+    `predictions.db` in `OPSLOOP_WORKSPACE` (default: the current directory)."""
+    from opsloop.workspace import Workspace
+
+    url = os.environ.get(PREDLOG_URL_ENV, "").strip()
+    if url == LOG_OFF:
+        raise PredictionLogError(
+            f"{PREDLOG_URL_ENV}=none: the server keeps no prediction log to read; unset it or "
+            "pass the log's URL with --log"
+        )
+    return url or Workspace(Path(os.environ.get(WORKSPACE_ENV) or ".")).predictions_url
+
+
 def open_engine(url: str, *, create: bool) -> Engine:
     """An engine for the log; SQLite gets WAL mode and a generous lock timeout.
 
@@ -80,7 +97,13 @@ def open_engine(url: str, *, create: bool) -> Engine:
             f"SQLAlchemy URL such as sqlite:///predictions.db ({PREDLOG_URL_ENV})"
         ) from exc
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        try:
+            return create_engine(url, pool_pre_ping=True)
+        except (SQLAlchemyError, ImportError) as exc:  # an unknown dialect or a missing driver
+            raise PredictionLogError(
+                f"prediction-log URL {redact_url(url)!r} is invalid: {first_line(exc)}; use a "
+                f"URL of an installed database driver, e.g. postgresql://... ({PREDLOG_URL_ENV})"
+            ) from exc
     if parsed.database and parsed.database != ":memory:":
         path = Path(parsed.database).expanduser()
         if create:

@@ -14,11 +14,39 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from opsloop.errors import ConfigError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# Hints for the fields every service has; each service adds its own.
+COMMON_HINTS = {
+    "port": "use a TCP port between 1 and 65535",
+    "log_level": f"use one of {', '.join(LOG_LEVELS)}",
+}
+
+
+def settings_config(prefix: str) -> SettingsConfigDict:
+    """Settings read from `<prefix><FIELD>` variables, unknown variables ignored, immutable."""
+    return SettingsConfigDict(
+        env_prefix=prefix, extra="ignore", protected_namespaces=(), frozen=True
+    )
+
+
+class ServiceSettings(BaseSettings):
+    """What every service is told: where to listen and how much to log."""
+
+    model_config = settings_config("OPSLOOP_")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    log_level: str = "info"
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        return check_log_level(value)
 
 
 def settings_error(exc: ValidationError, prefix: str, hints: Mapping[str, str]) -> ConfigError:

@@ -4,6 +4,10 @@
 in the workspace, or a server named by `$OPSLOOP_TRACKING_URI`), a `WandbTracker` (offline by
 default, no account) or a `NullTracker`; training drives any of them the same way. The helpers
 below let other stages fetch a run's checkpoint or attach their outputs to a training run.
+
+Why one file of ~600 lines: it is the one place that imports MLflow (and W&B) for runs, so an
+upstream API change is a one-file fix; the three trackers share one interface and read best side
+by side.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from opsloop.config import LoggerConfig
-from opsloop.errors import ModelNotFoundError, TrackingError
+from opsloop.errors import ModelNotFoundError, TrackingError, first_line, redact_url
 
 if TYPE_CHECKING:
     import numpy as np
@@ -171,7 +175,7 @@ def log_artifacts_to_run(
     """Attach every file under `local_dir` to an existing run, under `artifact_path`."""
     client = _client(tracking_uri)
     _get_run(client, run_id, tracking_uri)
-    with _tracking_errors(tracking_uri):
+    with tracking_errors(tracking_uri):
         client.log_artifacts(run_id, str(local_dir), artifact_path)
 
 
@@ -183,7 +187,7 @@ def log_metrics_to_run(run_id: str, tracking_uri: str, metrics: Mapping[str, flo
     _get_run(client, run_id, tracking_uri)
     now = int(time.time() * 1000)
     batch = [Metric(key, float(value), now, 0) for key, value in metrics.items()]
-    with _tracking_errors(tracking_uri):
+    with tracking_errors(tracking_uri):
         client.log_batch(run_id, metrics=batch)
 
 
@@ -216,7 +220,7 @@ def create_run(
         all_tags["mlflow.runName"] = run_name
     if parent_run_id:
         all_tags[PARENT_RUN_TAG] = parent_run_id
-    with _tracking_errors(tracking_uri):
+    with tracking_errors(tracking_uri):
         experiment_id = _experiment_id(client, experiment, tracking_uri, workspace)
         run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
     return str(run.info.run_id)
@@ -224,7 +228,7 @@ def create_run(
 
 def finish_run(run_id: str, tracking_uri: str, status: RunStatus = "FINISHED") -> None:
     """Mark a run created with `create_run` as ended."""
-    with _tracking_errors(tracking_uri):
+    with tracking_errors(tracking_uri):
         _client(tracking_uri).set_terminated(run_id, status)
 
 
@@ -234,15 +238,50 @@ def log_params_to_run(run_id: str, tracking_uri: str, params: Mapping[str, objec
 
     items = [Param(key, str(value)) for key, value in params.items()]
     client = _client(tracking_uri)
-    with _tracking_errors(tracking_uri):
+    with tracking_errors(tracking_uri):
         for start in range(0, len(items), _PARAM_BATCH):
             client.log_batch(run_id, params=items[start : start + _PARAM_BATCH])
+
+
+def set_run_tags(run_id: str, tracking_uri: str, tags: Mapping[str, str]) -> None:
+    """Set tags on an existing run (e.g. a trial's Optuna state, a sweep's best params)."""
+    from mlflow.entities import RunTag
+
+    client = _client(tracking_uri)
+    with tracking_errors(tracking_uri):
+        client.log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+
+
+def reopen_run(run_id: str, tracking_uri: str) -> bool:
+    """Mark an ended run RUNNING again; False when the store has no such run (or refuses)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        _client(tracking_uri).update_run(run_id, status="RUNNING")
+    except MlflowException:
+        return False
+    return True
+
+
+def connect_tracking_store(tracking_uri: str) -> None:
+    """Open the store now, so a new SQLite store's schema is created (migrated) at once.
+
+    Parallel workers on a fresh workspace would otherwise race to create it at their first run;
+    a caller that starts workers together retries this call (a loser finds the schema complete).
+    """
+    try:
+        _client(tracking_uri).search_experiments(max_results=1)
+    except Exception as exc:  # MLflow, SQLAlchemy and Alembic each raise their own
+        raise TrackingError(
+            f"cannot open the tracking store {tracking_uri}: {first_line(exc)}; "
+            f"check logger.tracking_uri or {TRACKING_URI_ENV}"
+        ) from exc
 
 
 def ensure_experiment(cfg: LoggerConfig, workspace: Path) -> str:
     """The id of experiment `cfg.experiment` in the resolved store, created if missing."""
     uri = resolve_tracking_uri(cfg, workspace)
-    with _tracking_errors(uri):
+    with tracking_errors(uri):
         return _experiment_id(_client(uri), cfg.experiment, uri, workspace)
 
 
@@ -255,16 +294,16 @@ def _experiment_id(client: Any, name: str, tracking_uri: str, workspace: Path) -
 
 
 @contextmanager
-def _tracking_errors(tracking_uri: str) -> Iterator[None]:
-    """MLflow's multi-line exceptions become one-line `TrackingError`s naming the store."""
+def tracking_errors(tracking_uri: str, store: str = "the tracking store") -> Iterator[None]:
+    """MLflow's multi-line exceptions become one-line `TrackingError`s naming the store (its
+    password hidden); the registry uses it too, as `store="the registry"`."""
     from mlflow.exceptions import MlflowException
 
     try:
         yield
     except MlflowException as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TrackingError(
-            f"the tracking store {tracking_uri} refused a request: {first}"
+            f"{store} {redact_url(tracking_uri)} refused a request: {first_line(exc)}"
         ) from exc
 
 
@@ -403,7 +442,7 @@ class MlflowTracker:
         return self if is_global_zero else NullTracker()
 
     def start(self) -> str | None:
-        with _tracking_errors(self._uri):
+        with tracking_errors(self._uri):
             self._run_id = self.lightning_logger().run_id  # the logger creates the run
         logger.info("MLflow run %s in %s", self._run_id, self._uri)
         return self._run_id
@@ -421,7 +460,7 @@ class MlflowTracker:
         from mlflow.entities import RunTag
 
         client, run_id = self._client_and_run()
-        with _tracking_errors(self._uri):
+        with tracking_errors(self._uri):
             client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -430,12 +469,12 @@ class MlflowTracker:
         client, run_id = self._client_and_run()
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        with _tracking_errors(self._uri):
+        with tracking_errors(self._uri):
             client.log_batch(run_id, metrics=batch)
 
     def log_artifact(self, local_path: Path, artifact_path: str) -> None:
         client, run_id = self._client_and_run()
-        with _tracking_errors(self._uri):
+        with tracking_errors(self._uri):
             if local_path.is_dir():
                 client.log_artifacts(run_id, str(local_path), artifact_path)
             else:
@@ -462,7 +501,7 @@ class MlflowTracker:
         # Explicit requirements skip MLflow's slow inference (it re-imports the model in a
         # subprocess to see which packages it touches).
         requirements = [f"torch=={importlib.metadata.version('torch')}"]
-        with _tracking_errors(self._uri), _fluent_run(self._uri, run_id):
+        with tracking_errors(self._uri), _fluent_run(self._uri, run_id):
             mlflow.pytorch.log_model(
                 model,
                 name="model",
@@ -476,7 +515,7 @@ class MlflowTracker:
         if self._run_id is None:
             return  # never started: there is no run to end
         client, run_id = self._client_and_run()
-        with _tracking_errors(self._uri):
+        with tracking_errors(self._uri):
             client.set_terminated(run_id, status)
 
 

@@ -48,7 +48,7 @@ def monitoring(tmp_path: Path, bundle: Path, predlog_url: str) -> Iterator[tuple
         "OPSLOOP_MONITOR_WINDOW": "100",
         "OPSLOOP_MONITOR_REPORT_DIR": str(tmp_path / "reports"),
     }
-    command = [*OPSLOOP, "monitor", "--serve", "--bundle", str(bundle), "--log", predlog_url]
+    command = [*OPSLOOP, "monitor", "serve", "--bundle", str(bundle), "--log", predlog_url]
     url = f"http://127.0.0.1:{port}"
     with running(command, tmp_path / f"monitor-{port}.log", env) as process:
         process.wait_for_http(f"{url}/health")

@@ -65,7 +65,7 @@ def test_prometheus_scrapes_the_api_and_the_monitor(bundle: ExportResult, tmp_pa
     predlog = f"sqlite:///{tmp_path / 'predictions.db'}"
     monitor_port, prometheus_port = free_port(), free_port()
     monitor_env = {"OPSLOOP_MONITOR_PORT": str(monitor_port)}
-    monitor_cmd = [*OPSLOOP, "monitor", "--serve", "--bundle", str(bundle.path), "--log", predlog]
+    monitor_cmd = [*OPSLOOP, "monitor", "serve", "--bundle", str(bundle.path), "--log", predlog]
     with (
         serving_bundle(bundle.path, tmp_path, predlog) as api,
         running(monitor_cmd, tmp_path / "monitor.log", monitor_env) as monitor,

@@ -1,13 +1,18 @@
-"""Fixtures for the serving tests: tiny real bundles and sample inputs (no torch, milliseconds)."""
+"""Fixtures for the serving tests: tiny real bundles, sample inputs and the app in process."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import numpy.typing as npt
 import pytest
+from fastapi import FastAPI
 
+from opsloop.serve.app import create_app
+from tests.serve.inprocess import make_settings, running
 from tests.serve.onnx_bundles import write_bundle
 
 
@@ -27,3 +32,16 @@ def pixels() -> npt.NDArray[np.float32]:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture
+def app(tmp_path: Path, tiny_bundle: Path) -> FastAPI:
+    """The serving app over `tiny_bundle`, logging to `tmp_path`, with the admin token set."""
+    return create_app(make_settings(tmp_path, tiny_bundle))
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of `app` with its lifespan running (the model loaded)."""
+    async for c in running(app):
+        yield c

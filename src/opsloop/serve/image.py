@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from opsloop.bundle import Preprocessing
 from opsloop.serve.protocol import RequestError
 
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "BMP", "GIF", "WEBP"})
@@ -29,6 +30,20 @@ ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "BMP", "GIF", "WEBP"})
 MAX_IMAGE_PIXELS = 40_000_000
 UPLOAD_FIELD = "file"
 Invert = Literal["auto", "true", "false"]
+
+
+def decode_predict_request(
+    body: bytes, content_type: str, preprocessing: Preprocessing, invert: Invert = "auto"
+) -> npt.NDArray[np.float32]:
+    """A `/predict` body (multipart form or raw image) as the model's (1, C, H, W) input."""
+    return decode_image(
+        extract_upload(body, content_type),
+        channels=preprocessing.channels,
+        height=preprocessing.height,
+        width=preprocessing.width,
+        pixel_max=preprocessing.pixel_max,
+        invert=invert,
+    )
 
 
 def decode_image(

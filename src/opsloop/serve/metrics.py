@@ -8,6 +8,7 @@ hot path are cached, so recording a request costs a few dictionary look-ups.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -39,63 +40,47 @@ class ServeMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        registry = self.registry
-        self.requests = Counter(
-            "opsloop_requests",
-            "HTTP requests by endpoint and status",
-            ["endpoint", "status"],
-            registry=registry,
+        counter = functools.partial(Counter, registry=self.registry)
+        histogram = functools.partial(Histogram, registry=self.registry)
+        self.requests = counter(
+            "opsloop_requests", "HTTP requests by endpoint and status", ["endpoint", "status"]
         )
-        self.latency = Histogram(
+        self.latency = histogram(
             "opsloop_request_latency_seconds",
             "Request latency inside the server",
             ["endpoint"],
             buckets=LATENCY_BUCKETS,
-            registry=registry,
         )
-        self.batch_size = Histogram(
+        self.batch_size = histogram(
             "opsloop_batch_size",
             "Rows per ONNX Runtime call (micro-batching)",
             buckets=BATCH_BUCKETS,
-            registry=registry,
         )
-        self.inference = Histogram(
-            "opsloop_inference_seconds",
-            "Seconds per ONNX Runtime call",
-            buckets=INFERENCE_BUCKETS,
-            registry=registry,
+        self.inference = histogram(
+            "opsloop_inference_seconds", "Seconds per ONNX Runtime call", buckets=INFERENCE_BUCKETS
         )
         self.model_info = Gauge(
             "opsloop_model_info",
             "The served model: 1 for the version being served",
             ["model_name", "model_version"],
             multiprocess_mode="livemax",
-            registry=registry,
+            registry=self.registry,
         )
-        self.predictions = Counter(
-            "opsloop_predictions",
-            "Predictions by predicted class",
-            ["class_name"],
-            registry=registry,
+        self.predictions = counter(
+            "opsloop_predictions", "Predictions by predicted class", ["class_name"]
         )
-        self.confidence = Histogram(
+        self.confidence = histogram(
             "opsloop_prediction_confidence",
             "Probability of the predicted class",
             buckets=CONFIDENCE_BUCKETS,
-            registry=registry,
         )
-        self.rejected = Counter(
+        self.rejected = counter(
             "opsloop_rejected_inputs",
             "Requests rejected as bad input, by reason",
             ["endpoint", "reason"],
-            registry=registry,
         )
-        self.reloads = Counter(
-            "opsloop_model_reloads", "Model (re)loads by outcome", ["outcome"], registry=registry
-        )
-        self.predlog_rows = Counter(
-            "opsloop_predlog_rows", "Rows written to the prediction log", registry=registry
-        )
+        self.reloads = counter("opsloop_model_reloads", "Model (re)loads by outcome", ["outcome"])
+        self.predlog_rows = counter("opsloop_predlog_rows", "Rows written to the prediction log")
         self._request_children: dict[tuple[str, int], Any] = {}
         self._latency_children: dict[str, Any] = {}
         self._class_children: dict[str, Any] = {}

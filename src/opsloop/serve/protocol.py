@@ -339,6 +339,22 @@ def encode_infer_response(
     return header + b"".join(blobs), len(header)
 
 
+def encode_predict_response(
+    signature: ModelSignature, request_id: str, probabilities: npt.NDArray[np.float32]
+) -> dict[str, Any]:
+    """The `/predict` answer for one image's probabilities: label, class name, confidence."""
+    label = int(probabilities.argmax())
+    return {
+        "request_id": request_id,
+        "model_name": signature.name,
+        "model_version": signature.version,
+        "label": label,
+        "class_name": signature.class_names[label],
+        "confidence": float(probabilities[label]),
+        "probabilities": dict(zip(signature.class_names, probabilities.tolist(), strict=True)),
+    }
+
+
 def error_body(message: str) -> bytes:
     """Every error the server returns: `{"error": "..."}`."""
     return orjson.dumps({"error": message})

@@ -13,16 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from opsloop.service import check_log_level, settings_error
+from opsloop.predictions import LOG_OFF as PREDLOG_OFF
+from opsloop.service import COMMON_HINTS, ServiceSettings, settings_config, settings_error
+from opsloop.workspace import Workspace
 
 ENV_PREFIX = "OPSLOOP_"
-PREDLOG_OFF = "none"
 
 # What to tell the user when a variable is rejected, beyond pydantic's own reason.
-HINTS = {
-    "port": "use a TCP port between 1 and 65535",
+HINTS = COMMON_HINTS | {
     "workers": "use 1 or more worker processes (about one per CPU core)",
     "max_batch_size": "use 1 (no batching) up to 1024",
     "max_batch_wait_ms": "use 0 (only batch what is already queued) up to 1000",
@@ -30,19 +29,14 @@ HINTS = {
     "max_request_rows": "use 1 or more rows per request",
     "predlog_url": f"use a SQLAlchemy URL such as sqlite:///predictions.db, or '{PREDLOG_OFF}'",
     "reload_poll_seconds": "use 0 (never poll) or a positive number of seconds",
-    "log_level": "use one of debug, info, warning, error",
 }
 
 
-class ServeSettings(BaseSettings):
+class ServeSettings(ServiceSettings):
     """Everything `opsloop serve` can be told, each field read from `OPSLOOP_<FIELD>`."""
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, extra="ignore", protected_namespaces=(), frozen=True
-    )
+    model_config = settings_config(ENV_PREFIX)
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
     workers: int = Field(1, ge=1, le=64)
     workspace: Path = Path()
     # Which model: an exported bundle directory, else the registry's `model_name@model_alias`.
@@ -68,12 +62,6 @@ class ServeSettings(BaseSettings):
     reload_poll_seconds: float = Field(5.0, ge=0)
     # Prometheus multiprocess directory for several workers; None picks a fresh temporary one.
     metrics_dir: Path | None = None
-    log_level: str = "info"
-
-    @field_validator("log_level")
-    @classmethod
-    def _known_level(cls, value: str) -> str:
-        return check_log_level(value)
 
     @field_validator("predlog_url")
     @classmethod
@@ -97,7 +85,7 @@ class ServeSettings(BaseSettings):
         """The prediction-log URL, defaulting to SQLite beside the workspace's other stores."""
         if self.predlog_url is not None:
             return self.predlog_url
-        return f"sqlite:///{self.workspace.expanduser().resolve() / 'predictions.db'}"
+        return Workspace(self.workspace).predictions_url
 
     def describe_source(self) -> str:
         """Where the served model comes from, for logs and messages."""

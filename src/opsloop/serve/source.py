@@ -15,9 +15,7 @@ from typing import Protocol
 from opsloop.bundle import BUNDLE_JSON
 from opsloop.errors import BundleError, ConfigError
 from opsloop.serve.settings import ServeSettings
-
-# Where registry bundles are materialised, as `opsloop export --model` caches them.
-BUNDLE_CACHE = Path(".opsloop") / "bundles"
+from opsloop.workspace import Workspace
 
 
 class ModelSource(Protocol):
@@ -69,9 +67,8 @@ class RegistrySource:
                 "extra or set OPSLOOP_BUNDLE_PATH to an exported bundle"
             ) from exc
         tracking_uri = resolve_tracking_uri(LoggerConfig(), self.workspace)
-        path, _version = resolve_bundle(
-            self.model_name, self.alias, tracking_uri, self.workspace / BUNDLE_CACHE
-        )
+        cache = Workspace(self.workspace).bundle_cache
+        path, _version = resolve_bundle(self.model_name, self.alias, tracking_uri, cache)
         return path
 
 
