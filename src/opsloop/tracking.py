@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TRACKING_URI_ENV = "OPSLOOP_TRACKING_URI"
-PARENT_RUN_TAG = "mlflow.parentRunId"  # what the MLflow UI nests child runs (sweep trials) by
+PARENT_RUN_TAG = "mlflow.parentRunId"
+MODEL_URI_TAG = "opsloop.model_uri"  # the logged model of a training run, for registration  # what the MLflow UI nests child runs (sweep trials) by
 BEST_CHECKPOINT_ARTIFACT = "checkpoints/best.ckpt"
 HEALTH_TIMEOUT_SECONDS = 3.0
 # MLflow accepts at most 100 params per batch call.
@@ -502,7 +503,7 @@ class MlflowTracker:
         # subprocess to see which packages it touches).
         requirements = [f"torch=={importlib.metadata.version('torch')}"]
         with tracking_errors(self._uri), _fluent_run(self._uri, run_id):
-            mlflow.pytorch.log_model(
+            info = mlflow.pytorch.log_model(
                 model,
                 name="model",
                 signature=signature,
@@ -510,6 +511,9 @@ class MlflowTracker:
                 serialization_format="pt2",
                 pip_requirements=requirements,
             )
+        # MLflow 3 keeps the model as a LoggedModel (`models:/m-...`), not under the run's
+        # artifacts: the registry registers that URI.
+        self.set_tags({MODEL_URI_TAG: info.model_uri})
 
     def finish(self, status: RunStatus = "FINISHED") -> None:
         if self._run_id is None:

@@ -132,7 +132,7 @@ def register_model(
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from opsloop.tracking import run_lineage
+    from opsloop.tracking import MODEL_URI_TAG, run_lineage
 
     lineage = run_lineage(run_id, tracking_uri)  # fails clearly for an unknown run
     lineage_keys = ("dataset_hash", "config_hash", "git_commit")
@@ -141,7 +141,8 @@ def register_model(
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     try:
-        version = mlflow.register_model(f"runs:/{run_id}/model", name, tags=version_tags)
+        source = lineage.get(MODEL_URI_TAG, f"runs:/{run_id}/model")
+        version = mlflow.register_model(source, name, tags=version_tags)
     except MlflowException as exc:
         raise TrackingError(
             f"cannot register run {run_id} as '{name}': {first_line(exc)}; "
