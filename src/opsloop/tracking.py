@@ -34,8 +34,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TRACKING_URI_ENV = "OPSLOOP_TRACKING_URI"
-PARENT_RUN_TAG = "mlflow.parentRunId"
-MODEL_URI_TAG = "opsloop.model_uri"  # the logged model of a training run, for registration  # what the MLflow UI nests child runs (sweep trials) by
+PARENT_RUN_TAG = "mlflow.parentRunId"  # what the MLflow UI nests child runs (sweep trials) by
+MODEL_URI_TAG = "opsloop.model_uri"  # the logged model of a training run, for registration
 BEST_CHECKPOINT_ARTIFACT = "checkpoints/best.ckpt"
 HEALTH_TIMEOUT_SECONDS = 3.0
 # MLflow accepts at most 100 params per batch call.
