@@ -50,6 +50,7 @@ def test_bundle_json_has_the_contract(bundle: ExportResult) -> None:
         "model.onnx",
         "model.int8.onnx",
         "reference.npz",
+        "estimator.npz",
         "MODEL_CARD.md",
     }
     assert bundle.parity_max_abs_diff <= 1e-4

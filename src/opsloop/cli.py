@@ -18,6 +18,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import orjson
 import typer
 from rich.console import Console
 
@@ -38,6 +39,8 @@ app = typer.Typer(
 console = Console()
 
 OVERRIDES_HELP = "Hydra overrides, e.g. data=mnist data.val_fraction=0.2"
+BUNDLE_OPTION_HELP = "Reference bundle [default: <workspace>/<registry.bundle_dir>/<model name>]."
+LOG_OPTION_HELP = "Prediction-log URL [default: the server's, OPSLOOP_PREDLOG_URL]."
 
 
 class LogLevel(StrEnum):
@@ -292,14 +295,31 @@ def promote_command(
         None, "--version", help="The version to promote [default: the `challenger` alias]."
     ),
     force: bool = typer.Option(False, "--force", help="Skip the gate (recorded as forced)."),
+    live_labels: int | None = typer.Option(
+        None,
+        "--live-labels",
+        min=0,
+        help="Also require live evidence: this many labelled shadow/canary answers "
+        "[default: registry.live_min_labels; 0 = off].",
+    ),
+    log: str | None = typer.Option(
+        None, "--log", help="Prediction log with the live answers [default: the server's]."
+    ),
 ) -> None:
-    """Move `champion` to a version if it passes the gate: holdout accuracy and latency."""
+    """Move `champion` to a version if it passes the gate: holdout accuracy and latency, and
+    with --live-labels, live accuracy in shadow or canary."""
+    import dataclasses
+
     from opsloop.config import load_config
     from opsloop.registry import promote_model
     from opsloop.tracking import resolve_tracking_uri
     from opsloop.workspace import Workspace
 
     cfg = load_config(overrides or [])
+    if live_labels is not None:
+        cfg = dataclasses.replace(
+            cfg, registry=dataclasses.replace(cfg.registry, live_min_labels=live_labels)
+        )
     workspace = Workspace(Path(cfg.workspace))
     decision = promote_model(
         model or cfg.registry.model_name,
@@ -309,6 +329,7 @@ def promote_command(
         cache_dir=workspace.bundle_cache,
         version=version,
         force=force,
+        evidence=_evidence_source(log) if cfg.registry.live_min_labels > 0 else None,
     )
     verdict = "promoted" if decision.promoted else "not promoted"
     print_fields(
@@ -326,6 +347,15 @@ def promote_command(
             "forced": str(decision.forced).lower(),
         },
     )
+
+
+def _evidence_source(log: str | None) -> Any:
+    """Live evidence read from the prediction log (`--log`, else the server's)."""
+    from opsloop.monitor.quality import live_evidence
+    from opsloop.predictions import default_log_url
+
+    url = log or default_log_url()
+    return lambda challenger, champion: live_evidence(url, challenger, champion)
 
 
 def _optional(value: float | None) -> str:
@@ -526,13 +556,59 @@ def serve_command(
     run_server(load_settings(**{k: v for k, v in overrides.items() if v is not None}))
 
 
+@app.command("trace")
+def trace_command(
+    request_id: str = typer.Argument(
+        ..., help="The request's id (V2 `id`, /predict's request_id)."
+    ),
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDES_HELP),
+    log: str | None = typer.Option(None, "--log", help=LOG_OPTION_HELP),
+) -> None:
+    """Trace one prediction: model version -> MLflow run -> git commit -> data -> config, label."""
+    from datetime import UTC, datetime
+
+    from opsloop.config import load_config
+    from opsloop.predictions import default_log_url
+    from opsloop.trace import trace_request
+    from opsloop.tracking import resolve_tracking_uri
+
+    cfg = load_config(overrides or [])
+    uri = resolve_tracking_uri(cfg.logger, Path(cfg.workspace))
+    trace = trace_request(request_id, log or default_log_url(), uri)
+    for answer in trace.answers:
+        lineage = answer.lineage
+        when = datetime.fromtimestamp(answer.created_at, UTC).isoformat(timespec="seconds")
+        dirty = " (dirty)" if lineage.git_dirty else ""
+        print_fields(
+            f"{request_id} item {answer.item}: {answer.role} answer",
+            {
+                "answered": f"class {answer.predicted} (confidence {answer.confidence:.3f}) at "
+                f"{when}",
+                "model": f"{answer.model_name} v{answer.model_version}",
+                "mlflow run": lineage.run_id or "-",
+                "git commit": f"{lineage.git_commit or '-'}{dirty}",
+                "dataset": f"{lineage.dataset or '-'} {lineage.dataset_hash or ''}".strip(),
+                "config hash": lineage.config_hash or "-",
+                "label": "none yet" if answer.label is None else str(answer.label),
+                **({"note": lineage.note} if lineage.note else {}),
+            },
+        )
+    changes = [e for e in trace.labels if len([x for x in trace.labels if x.item == e.item]) > 1]
+    for event in changes:
+        when = datetime.fromtimestamp(event.created_at, UTC).isoformat(timespec="seconds")
+        console.print(
+            f"  label history  item {event.item}: {event.label} at {when}",
+            soft_wrap=True,
+            highlight=False,
+            markup=False,
+        )
+
+
 monitor_app = typer.Typer(
     help="Drift monitoring: one check now, or a service that keeps checking.",
     no_args_is_help=True,
 )
 app.add_typer(monitor_app, name="monitor")
-BUNDLE_OPTION_HELP = "Reference bundle [default: <workspace>/<registry.bundle_dir>/<model name>]."
-LOG_OPTION_HELP = "Prediction-log URL [default: the server's, OPSLOOP_PREDLOG_URL]."
 
 
 @monitor_app.command("check")
@@ -550,11 +626,14 @@ def monitor_check_command(
     min_samples: int = typer.Option(
         30, "--min-samples", min=1, help="Refuse windows with fewer predictions."
     ),
+    accuracy_last: int = typer.Option(
+        1000, "--accuracy-last", min=1, help="Answers whose labels make the online accuracy."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print only the JSON report."),
     html: Path | None = typer.Option(None, "--html", help="Also write Evidently's HTML report."),
 ) -> None:
-    """Check recent predictions for drift against the bundle's reference data, once."""
-    from opsloop.monitor.service import check_once, resolve_sources
+    """Check recent predictions for drift, and the online accuracy where labels arrived, once."""
+    from opsloop.monitor.service import check_once, quality_once, resolve_sources
 
     bundle_dir, log_url = resolve_sources(bundle, log, overrides or [])
     report = check_once(
@@ -566,8 +645,11 @@ def monitor_check_command(
         min_samples=min_samples,
         html=html,
     )
+    quality = quality_once(
+        bundle_dir, log_url, last=accuracy_last, since_seconds=since, min_samples=min_samples
+    )
     if as_json:
-        typer.echo(report.to_json())
+        typer.echo(orjson.dumps(report.to_dict() | {"quality": quality.to_dict()}).decode())
         return
     print_fields(
         "drift detected" if report.drift else "no drift",
@@ -582,6 +664,10 @@ def monitor_check_command(
             f"fired: {', '.join(report.fired) or 'none'}",
             **({"html report": str(html)} if html is not None else {}),
         },
+    )
+    print_fields(
+        f"online quality of the last {quality.window_size} answers",
+        describe_quality(quality),
     )
 
 
@@ -618,7 +704,7 @@ def monitor_serve_command(
 
     Every setting is also an OPSLOOP_MONITOR_* environment variable; options win.
     """
-    from opsloop.monitor.service import run_monitor_service
+    from opsloop.monitor.app import run_monitor_service
     from opsloop.monitor.settings import load_monitor_settings
 
     options: dict[str, Any] = {"host": host, "port": port, "interval_seconds": interval}
@@ -627,6 +713,35 @@ def monitor_serve_command(
     options["log_level"] = _service_log_level("OPSLOOP_MONITOR_LOG_LEVEL")
     settings = load_monitor_settings(**{k: v for k, v in options.items() if v is not None})
     run_monitor_service(settings, overrides or [])
+
+
+def describe_quality(quality: Any) -> dict[str, str]:
+    """One line per model version and role, one per challenger comparison and estimate."""
+    lines: dict[str, str] = {}
+    for version in quality.versions:
+        accuracy = version.accuracy
+        measured = (
+            "no labels yet"
+            if accuracy is None
+            else f"accuracy {accuracy.value:.3f} (95% {accuracy.lower:.3f}..{accuracy.upper:.3f}) "
+            f"on {version.labelled} labels"
+        )
+        delay = version.label_delay_seconds
+        lines[f"v{version.model_version} {version.role}"] = (
+            f"{measured}; {version.predictions} answers, coverage {version.label_coverage:.0%}"
+            + ("" if delay is None else f", label delay {delay:.1f} s")
+            + f", p95 {version.latency_ms_p95:.1f} ms"
+        )
+    for c in quality.comparisons:
+        lines[f"v{c.challenger_version} {c.challenger_role} vs v{c.champion_version}"] = (
+            f"{c.difference:+.3f} (95% {c.lower:+.3f}..{c.upper:+.3f}, p={c.p_value:.3g})"
+        )
+    for estimate in quality.estimates:
+        lines[f"v{estimate.model_version} estimate"] = (
+            f"{estimate.value:.3f} ESTIMATED without labels ({estimate.method}, "
+            f"{estimate.window_size} answers)"
+        )
+    return lines or {"window": "no answers logged yet"}
 
 
 def _service_log_level(variable: str) -> str | None:

@@ -190,6 +190,11 @@ class RegistryConfig:
     holdout_split: str = "test"
     quantize: bool = False  # export a dynamic-int8 model as the served file
     bundle_dir: str = "bundles"  # where `opsloop pipeline` materialises the champion's bundle
+    # Live evidence (0 = off): the challenger must also have answered at least this many labelled
+    # requests in shadow or canary, with accuracy not worse than the champion's on the same
+    # period by more than live_margin.
+    live_min_labels: int = 0
+    live_margin: float = 0.02
 
 
 @dataclass
@@ -336,6 +341,7 @@ def validate_config(cfg: OpsloopConfig) -> None:
     validate_model(cfg.model, cfg.optim)
     validate_trainer(cfg.trainer)
     _check_choice("logger.name", cfg.logger.name, LOGGERS)
+    validate_registry(cfg.registry)
     validate_sweep_config(cfg)
 
 
@@ -398,6 +404,22 @@ def validate_trainer(trainer: TrainerConfig) -> None:
     _check_choice("trainer.monitor_mode", trainer.monitor_mode, ("min", "max"))
     if trainer.profiler is not None:
         _check_choice("trainer.profiler", trainer.profiler, tuple(PROFILERS))
+
+
+def validate_registry(registry: RegistryConfig) -> None:
+    """Margins are accuracies, counts are counts."""
+    for key in ("accuracy_margin", "live_margin"):
+        value = getattr(registry, key)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"registry.{key}={value} is out of range; use an accuracy in [0, 1)")
+    if registry.live_min_labels < 0:
+        raise ConfigError(
+            f"registry.live_min_labels={registry.live_min_labels} must be 0 (off) or more"
+        )
+    if registry.latency_budget_ms <= 0 or registry.latency_samples < 1:
+        raise ConfigError(
+            "registry.latency_budget_ms must be positive and registry.latency_samples at least 1"
+        )
 
 
 def parse_devices(value: str) -> int | list[int] | str:

@@ -30,11 +30,13 @@ from opsloop import __version__
 from opsloop.atomic import sha256_file, staged_directory
 from opsloop.bundle import (
     BUNDLE_JSON,
+    EMBEDDING,
     INPUT_NAME,
     MODEL_CARD,
     MODEL_FILE,
     ONNX_BATCH,
     OUTPUT_NAMES,
+    PROBABILITIES,
     QUANTIZED_MODEL_FILE,
     REFERENCE_FILE,
     BundleManifest,
@@ -144,6 +146,13 @@ def export_bundle(
             served = QUANTIZED_MODEL_FILE if quantize else MODEL_FILE
             write_reference(
                 staging / served, reference.images, reference.labels, reference_size, staging
+            )
+            write_estimator(
+                staging / served,
+                reference.images,
+                reference.labels,
+                float(hparams["pixel_max"]),
+                staging,
             )
             bundle_manifest = build_bundle_manifest(
                 hparams,
@@ -278,6 +287,29 @@ def quantize_model(
         report["int8_bytes"],
     )
     return report
+
+
+def write_estimator(
+    model_path: Path,
+    images: npt.NDArray[Any],
+    labels: npt.NDArray[np.int64],
+    pixel_max: float,
+    staging: Path,
+) -> None:
+    """The label-free accuracy estimator of the served file, fitted on the validation split.
+
+    See `opsloop.monitor.estimate`: the monitor reads it to estimate accuracy on windows that
+    no label has reached. Fitted with ONNX Runtime, the engine that serves the model.
+    """
+    from opsloop.monitor.estimate import ESTIMATOR_FILE, fit_estimator
+
+    session = onnx_session(model_path)
+
+    def predict(batch: npt.NDArray[np.float32]) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+        outputs = run_onnx(session, batch)
+        return outputs[PROBABILITIES], outputs[EMBEDDING]
+
+    fit_estimator(predict, images, labels, pixel_max, seed=0).save(staging / ESTIMATOR_FILE)
 
 
 def write_reference(

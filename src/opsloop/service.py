@@ -102,5 +102,10 @@ def logging_config(level: str) -> dict[str, Any]:
     from uvicorn.config import LOGGING_CONFIG
 
     config = copy.deepcopy(LOGGING_CONFIG)
-    config["loggers"]["opsloop"] = {"handlers": ["default"], "level": level.upper()}
+    # Not propagated: the CLI's root handler would print every record a second time.
+    config["loggers"]["opsloop"] = {
+        "handlers": ["default"],
+        "level": level.upper(),
+        "propagate": False,
+    }
     return config

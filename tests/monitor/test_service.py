@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 
 from opsloop.bundle import load_bundle
 from opsloop.errors import ConfigError
-from opsloop.monitor.service import DriftMonitor, create_monitor_app
+from opsloop.monitor.app import create_monitor_app
+from opsloop.monitor.service import DriftMonitor
 from opsloop.monitor.settings import load_monitor_settings
 from opsloop.serve.predlog import prediction_log
 from tests.integration.processes import metric_value

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 from opsloop.errors import ConfigError
-from opsloop.predictions import decode_input, read_predictions
+from opsloop.predictions import decode_input, open_engine, read_predictions
 from opsloop.serve.predlog import (
     COLUMNS,
     LogRecord,
@@ -184,3 +186,124 @@ def test_the_null_log_keeps_nothing() -> None:
     log.append(record("nothing"))
     log.close()
     assert log.rows_written == 0
+
+
+class Outage:
+    """Makes a log's engine refuse every transaction while `down` is set, as a stopped server."""
+
+    def __init__(self, log: PredictionLog, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.down = threading.Event()
+        engine = log._engine
+        assert engine is not None
+        real_begin = engine.begin
+
+        def begin() -> object:
+            if self.down.is_set():
+                raise OperationalError("INSERT", {}, Exception("connection refused"))
+            return real_begin()
+
+        monkeypatch.setattr(engine, "begin", begin)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def test_rows_wait_for_a_database_that_went_away(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opsloop.serve import predlog as module
+
+    monkeypatch.setattr(module, "RETRY_SECONDS", (0.01, 0.02))
+    url = url_for(tmp_path)
+    log = PredictionLog(url, flush_interval_s=0.01, batch_rows=4)
+    log.start()
+    outage = Outage(log, monkeypatch)
+    log.append(record("before"))
+    wait_for(lambda: log.rows_written == 1)
+    outage.down.set()
+    during = [record(f"during{i}", rows=1 + i % 3) for i in range(10)]
+    for item in during:
+        log.append(item)
+    wait_for(lambda: log.write_errors >= 5)  # retried (with back-off) many times, kept queued
+    assert log.rows_written == 1
+    outage.down.clear()
+    total = 1 + sum(len(r.inputs) for r in during)
+    wait_for(lambda: log.rows_written == total)
+    log.close()
+    assert log.rows_dropped == 0
+    logged = read_predictions(url)
+    expected = ["before"] + [r.request_id for r in during for _ in range(len(r.inputs))]
+    assert logged.request_ids == expected  # every row, in order, once
+
+
+def test_the_outage_buffer_is_bounded_and_drops_are_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opsloop.serve import predlog as module
+
+    monkeypatch.setattr(module, "RETRY_SECONDS", (0.01,))
+    url = url_for(tmp_path)
+    dropped: list[int] = []
+    log = PredictionLog(url, flush_interval_s=0.01, max_buffered_rows=5, on_dropped=dropped.append)
+    log.start()
+    outage = Outage(log, monkeypatch)
+    outage.down.set()
+    records = [record(f"r{i}") for i in range(12)]
+    for item in records:
+        log.append(item)
+    wait_for(lambda: log.rows_dropped == 7)  # the oldest go; the newest 5 wait
+    outage.down.clear()
+    wait_for(lambda: log.rows_written == 5)
+    log.close()
+    assert sum(dropped) == log.rows_dropped == 7
+    assert read_predictions(url).request_ids == [r.request_id for r in records[7:]]
+
+
+def test_close_gives_up_on_a_database_that_stays_away(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opsloop.serve import predlog as module
+
+    monkeypatch.setattr(module, "RETRY_SECONDS", (0.05,))
+    log = PredictionLog(url_for(tmp_path), flush_interval_s=0.01)
+    log.start()
+    Outage(log, monkeypatch).down.set()
+    log.append(record("lost", rows=3))
+    started = time.monotonic()
+    log.close(timeout=1.5)  # retries until just before the timeout, then counts the loss
+    assert time.monotonic() - started < 3.0
+    assert log.rows_dropped == 3
+    assert log.rows_written == 0
+    assert log.write_errors >= 2
+
+
+def test_pool_and_timeouts_are_settings() -> None:
+    pytest.importorskip("psycopg", reason="the 'postgres' extra provides psycopg")
+    from opsloop.serve.settings import load_settings
+
+    settings = load_settings(
+        predlog_url="postgresql+psycopg://opsloop:pw@127.0.0.1:1/db",
+        predlog_pool_size=3,
+        predlog_pool_timeout_s=7,
+        predlog_connect_timeout_s=4,
+        predlog_max_buffered_rows=50,
+    )
+    log = PredictionLog(
+        settings.resolved_predlog_url(),
+        engine_options=settings.predlog_engine_options(),
+        max_buffered_rows=settings.predlog_max_buffered_rows,
+    )
+    engine = open_engine(log.url, create=False, options=log.engine_options)
+    try:
+        assert engine.pool.size() == 3  # type: ignore[attr-defined]
+        assert engine.pool.timeout() == 7  # type: ignore[attr-defined]
+        assert engine.pool._max_overflow == 0  # type: ignore[attr-defined]
+    finally:
+        engine.dispose()
+    assert log.max_buffered_rows == 50
+    with pytest.raises(ConfigError, match=r"OPSLOOP_PREDLOG_POOL_SIZE=0 is invalid.*connections"):
+        load_settings(predlog_pool_size=0)

@@ -11,6 +11,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
+from opsloop.monitor.quality import QualityReport
 from opsloop.monitor.report import DETECTORS, DriftReport
 
 # Why a check failed, as the `reason` label of the failure metrics.
@@ -40,6 +41,27 @@ DETECTOR_GAUGES = {
 }
 
 
+# name -> help, for the gauges labelled by model version and role (online quality).
+QUALITY_GAUGES = {
+    "opsloop_online_accuracy": "Accuracy of the labelled predictions in the window",
+    "opsloop_online_accuracy_lower": "Lower end of its 95% Wilson interval",
+    "opsloop_online_accuracy_upper": "Upper end of its 95% Wilson interval",
+    "opsloop_labelled_predictions": "Predictions in the window a label has arrived for",
+    "opsloop_window_predictions": "Predictions in the quality window",
+    "opsloop_label_coverage": "Share of the window's predictions that have a label (0..1)",
+    "opsloop_label_delay_seconds": "Median seconds from an answer to its label",
+    "opsloop_latency_p95_ms": "95th percentile of the logged answer latency, milliseconds",
+}
+# name -> help, for the gauges of a challenger against the champion.
+COMPARISON_GAUGES = {
+    "opsloop_challenger_accuracy_difference": "Challenger minus champion accuracy, same period",
+    "opsloop_challenger_accuracy_difference_lower": "Lower end of its 95% Newcombe interval",
+    "opsloop_challenger_accuracy_difference_upper": "Upper end of its 95% Newcombe interval",
+    "opsloop_challenger_p_value": "Two-sided p-value of the two-proportion test",
+}
+COMPARISON_LABELS = ["champion_version", "challenger_version", "role"]
+
+
 class MonitorMetrics:
     """The service's metrics, in a private registry."""
 
@@ -66,6 +88,36 @@ class MonitorMetrics:
             "opsloop_drift_check_failures",
             "Failed drift checks by reason",
             ["reason"],
+            registry=self.registry,
+        )
+        self.quality = {
+            name: Gauge(name, text, ["model_version", "role"], registry=self.registry)
+            for name, text in QUALITY_GAUGES.items()
+        }
+        self.comparison = {
+            name: Gauge(name, text, COMPARISON_LABELS, registry=self.registry)
+            for name, text in COMPARISON_GAUGES.items()
+        }
+        self.estimated_accuracy = Gauge(
+            "opsloop_estimated_accuracy",
+            "Label-free ESTIMATE of the accuracy of the window's champion answers",
+            ["model_version", "method"],
+            registry=self.registry,
+        )
+        self.reference_accuracy = Gauge(
+            "opsloop_reference_accuracy",
+            "The reference bundle's accuracy on its held-out test split (what alerts compare to)",
+            registry=self.registry,
+        )
+        self.quality_failures = Counter(
+            "opsloop_quality_check_failures",
+            "Quality checks that could not read the log",
+            registry=self.registry,
+        )
+        self.rollbacks = Counter(
+            "opsloop_rollbacks",
+            "Champions moved back by the watch after a promotion",
+            ["model"],
             registry=self.registry,
         )
         self._set_initial_values()
@@ -118,6 +170,46 @@ class MonitorMetrics:
             self.last_error.labels(known).set(int(known == reason))
         self.set("last_check_timestamp_seconds", time.time())
         self.set("check_duration_seconds", seconds)
+
+    def record_quality(self, report: QualityReport) -> None:
+        """Publish online accuracy, coverage, delay and latency per version and role, the
+        challengers' comparisons and the estimates; series of versions gone are dropped."""
+        for gauge in (*self.quality.values(), *self.comparison.values()):
+            gauge.clear()
+        self.estimated_accuracy.clear()
+        for quality in report.versions:
+            labels = (quality.model_version, quality.role)
+            values = {
+                "opsloop_labelled_predictions": quality.labelled,
+                "opsloop_window_predictions": quality.predictions,
+                "opsloop_label_coverage": quality.label_coverage,
+                "opsloop_latency_p95_ms": quality.latency_ms_p95,
+            }
+            if quality.accuracy is not None:
+                values["opsloop_online_accuracy"] = quality.accuracy.value
+                values["opsloop_online_accuracy_lower"] = quality.accuracy.lower
+                values["opsloop_online_accuracy_upper"] = quality.accuracy.upper
+            if quality.label_delay_seconds is not None:
+                values["opsloop_label_delay_seconds"] = quality.label_delay_seconds
+            for name, value in values.items():
+                self.quality[name].labels(*labels).set(value)
+        for comparison in report.comparisons:
+            pair = (
+                comparison.champion_version,
+                comparison.challenger_version,
+                comparison.challenger_role,
+            )
+            for name, value in (
+                ("opsloop_challenger_accuracy_difference", comparison.difference),
+                ("opsloop_challenger_accuracy_difference_lower", comparison.lower),
+                ("opsloop_challenger_accuracy_difference_upper", comparison.upper),
+                ("opsloop_challenger_p_value", comparison.p_value),
+            ):
+                self.comparison[name].labels(*pair).set(value)
+        for estimate in report.estimates:
+            self.estimated_accuracy.labels(estimate.model_version, estimate.method).set(
+                estimate.value
+            )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

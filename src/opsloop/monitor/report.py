@@ -105,7 +105,7 @@ class DriftReport:
 
     def to_dict(self) -> dict[str, Any]:
         """The report as plain JSON-ready values (NaN and infinity become None)."""
-        result: dict[str, Any] = _finite(dataclasses.asdict(self) | {"fired": self.fired})
+        result: dict[str, Any] = finite(dataclasses.asdict(self) | {"fired": self.fired})
         return result
 
     def to_json(self, *, indent: bool = True) -> str:
@@ -114,14 +114,14 @@ class DriftReport:
         return orjson.dumps(self.to_dict(), option=option).decode()
 
 
-def _finite(value: Any) -> Any:
+def finite(value: Any) -> Any:
     """JSON has no NaN or infinity: map them to None so every consumer can parse the report."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
+        return {key: finite(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(item) for item in value]
+        return [finite(item) for item in value]
     return value
 
 

@@ -10,37 +10,30 @@ health on `/metrics` and `/drift`, and tries again at the next interval.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-from fastapi import FastAPI
-from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.responses import HTMLResponse, Response
-
-from opsloop import __version__
 from opsloop.bundle import BUNDLE_JSON
 from opsloop.errors import (
     EmptyWindowError,
-    MissingExtraError,
     OpsloopError,
     PredictionLogError,
 )
+from opsloop.monitor.estimate import ESTIMATOR_FILE, AccuracyEstimator, load_estimator
 from opsloop.monitor.evidently_report import write_html_report
 from opsloop.monitor.metrics import MonitorMetrics
+from opsloop.monitor.quality import QualityReport, assess_quality
 from opsloop.monitor.report import DEFAULT_MIN_SAMPLES, DriftReport, detect_drift
 from opsloop.monitor.settings import DEFAULT_WINDOW, ENV_PREFIX, MonitorSettings
+from opsloop.monitor.watch import RollbackWatch, Verdict, WatchRules
 from opsloop.monitor.window import ReferenceData, Window, load_reference, window_from_log
-from opsloop.predictions import default_log_url
-from opsloop.service import check_port, logging_config
+from opsloop.predictions import LoggedPredictions, default_log_url, read_predictions
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +77,54 @@ class DriftMonitor:
         self._html_lock = threading.Lock()
         self._html: tuple[int, Path] | None = None
         self._report_dir = settings.report_dir
+        self.quality: QualityReport | None = None
+        self.quality_error: str | None = None
+        self.estimator: AccuracyEstimator | None = None
+        self.watch = make_watch(settings)
+        self.last_verdict: Verdict | None = None
+
+    def run_once(self) -> None:
+        """One round: the drift check, online quality and estimates, then the rollback watch."""
+        self.check()
+        window = self.check_quality()
+        if window is not None and self.watch is not None:
+            try:
+                verdict = self.watch.step(window)
+            except OpsloopError as exc:  # the registry is down: try again next round
+                logger.warning("rollback watch skipped: %s", exc)
+                return
+            if verdict is not None:
+                self.last_verdict = verdict
+                if verdict.rollback:
+                    self.metrics.rollbacks.labels(self.watch.model_name).inc()
+
+    def check_quality(self) -> LoggedPredictions | None:
+        """Online accuracy per version and role, comparisons and the label-free estimate.
+
+        Returns the window it judged (the watch reuses it); a log that cannot be read is
+        recorded (`/quality`, `opsloop_quality_check_failures_total`), never raised.
+        """
+        settings = self.settings
+        since = None
+        if settings.accuracy_window_seconds is not None:
+            since = time.time() - settings.accuracy_window_seconds
+        try:
+            window = read_predictions(self.predlog_url, limit=settings.accuracy_window, since=since)
+        except PredictionLogError as exc:
+            self.quality_error = str(exc)
+            self.metrics.quality_failures.inc()
+            return None
+        reference = self.reference
+        report = assess_quality(
+            window,
+            estimator=self.estimator,
+            estimator_version=reference.model_version if reference is not None else None,
+            min_samples=settings.min_samples,
+        )
+        with self._lock:
+            self.quality, self.quality_error = report, None
+            self.metrics.record_quality(report)
+        return window
 
     def check(self) -> DriftReport | None:
         """One check: the report, or None when it failed (the failure is recorded, not raised)."""
@@ -132,6 +173,10 @@ class DriftMonitor:
                 self.reference = None
                 raise CheckFailedError("no_reference", str(exc)) from exc
             self._reference_stamp = stamp
+            self.estimator = load_bundle_estimator(self.bundle_path)
+            accuracy = reference_accuracy(self.bundle_path)
+            if accuracy is not None:
+                self.metrics.reference_accuracy.set(accuracy)
             logger.info("loaded the reference sample of %s", self.bundle_path)
         return self.reference
 
@@ -205,80 +250,50 @@ class DriftMonitor:
             return path
 
 
-def json_response(content: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(content), status, media_type="application/json")
+def load_bundle_estimator(bundle_path: Path) -> AccuracyEstimator | None:
+    """The bundle's label-free accuracy estimator, or None for a bundle exported without one."""
+    path = bundle_path / ESTIMATOR_FILE
+    if not path.is_file():
+        logger.info("%s has no accuracy estimator: no label-free estimates", bundle_path)
+        return None
+    try:
+        return load_estimator(path)
+    except OpsloopError as exc:
+        logger.warning("%s", exc)
+        return None
 
 
-def create_monitor_app(monitor: DriftMonitor) -> FastAPI:
-    """The service's ASGI app; its lifespan runs the periodic checks."""
-    interval = monitor.settings.interval_seconds
+def reference_accuracy(bundle_path: Path) -> float | None:
+    """The accuracy the bundle's manifest records on its held-out test split."""
+    from opsloop.bundle import read_bundle_manifest
 
-    async def check_forever() -> None:
-        while True:
-            await asyncio.to_thread(monitor.check)
-            await asyncio.sleep(interval)
+    try:
+        metrics = read_bundle_manifest(bundle_path).metrics
+    except OpsloopError:
+        return None
+    for key in ("eval/accuracy", "test/acc"):
+        if key in metrics:
+            return float(metrics[key])
+    return None
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(check_forever(), name="drift-checks")
-        logger.info(
-            "checking %s against %s every %gs",
-            monitor.predlog_url,
-            monitor.bundle_path,
-            interval,
-        )
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
-    app = FastAPI(
-        title="opsloop drift monitor",
-        version=__version__,
-        description="Periodic drift checks of the prediction log against the bundle's reference.",
-        lifespan=lifespan,
+def make_watch(settings: MonitorSettings) -> RollbackWatch | None:
+    """The rollback watch of `watch_model` in the workspace's registry, when one is named."""
+    if settings.watch_model is None:
+        return None
+    import os
+
+    from opsloop.config import LoggerConfig
+    from opsloop.tracking import resolve_tracking_uri
+
+    workspace = Path(os.environ.get("OPSLOOP_WORKSPACE") or ".")
+    rules = WatchRules(
+        margin=settings.watch_margin,
+        min_labels=settings.watch_min_labels,
+        latency_factor=settings.watch_latency_factor,
     )
-
-    @app.get("/health", tags=["monitoring"])
-    async def health() -> Response:
-        """The process is up; the body says whether the last check succeeded."""
-        return json_response(monitor.health())
-
-    @app.get("/metrics", tags=["monitoring"], response_class=Response)
-    async def metrics() -> Response:
-        """Prometheus metrics: the verdict per detector, the window and the monitor's health."""
-        return Response(monitor.metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/drift", tags=["monitoring"])
-    async def drift() -> Response:
-        """The latest successful report (top-level boolean `drift`) and the monitor's health.
-
-        503 with `{"error": ...}` until a check has succeeded.
-        """
-        latest = monitor.latest
-        state = monitor.health()
-        if latest is None:
-            error = state["last_error"] or "no drift check has run yet"
-            return json_response({"error": error, "monitor": state}, 503)
-        return json_response(latest.report.to_dict() | {"monitor": state})
-
-    @app.get("/drift/report", tags=["monitoring"], response_class=HTMLResponse)
-    async def drift_report() -> Response:
-        """Evidently's HTML report of the latest successful check (rendered on first request)."""
-        try:
-            path = await asyncio.to_thread(monitor.html_report)
-        except MissingExtraError as exc:  # an install choice, not a failure of this request
-            return json_response({"error": str(exc)}, 501)
-        except OpsloopError as exc:  # e.g. the report directory is not writable
-            return json_response({"error": str(exc)}, 503)
-        if path is None:
-            error = monitor.health()["last_error"] or "no drift check has run yet"
-            return json_response({"error": error}, 503)
-        return HTMLResponse(path.read_text(encoding="utf-8"))
-
-    return app
+    uri = resolve_tracking_uri(LoggerConfig(), workspace)
+    return RollbackWatch(settings.watch_model, uri, rules)
 
 
 def resolve_sources(
@@ -327,21 +342,21 @@ def check_once(
     return report
 
 
-def run_monitor_service(settings: MonitorSettings, overrides: Sequence[str] = ()) -> None:
-    """Serve the monitor until interrupted (SIGINT/SIGTERM); `overrides` pick the default bundle."""
-    import uvicorn
-
-    check_port(settings.host, settings.port, f"{ENV_PREFIX}PORT")
-    bundle_path, predlog_url = resolve_sources(
-        settings.bundle_path, settings.predlog_url, overrides
-    )
-    monitor = DriftMonitor(settings, bundle_path, predlog_url)
-    uvicorn.run(
-        create_monitor_app(monitor),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        log_config=logging_config(settings.log_level),
-        access_log=False,
-        server_header=False,
+def quality_once(
+    bundle: Path,
+    predlog_url: str,
+    *,
+    last: int = 1000,
+    since_seconds: float | None = None,
+    min_samples: int = DEFAULT_MIN_SAMPLES,
+) -> QualityReport:
+    """Online accuracy, comparisons and the estimate over the log's last `last` answers."""
+    since = None if since_seconds is None else time.time() - since_seconds
+    window = read_predictions(predlog_url, limit=last, since=since)
+    manifest_version = load_reference(bundle).model_version
+    return assess_quality(
+        window,
+        estimator=load_bundle_estimator(bundle),
+        estimator_version=manifest_version,
+        min_samples=min_samples,
     )

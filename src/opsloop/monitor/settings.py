@@ -25,6 +25,10 @@ HINTS = COMMON_HINTS | {
     "alpha": "use a significance level strictly between 0 and 1, e.g. 0.05",
     "min_samples": "use 1 or more predictions",
     "correction": f"use one of: {', '.join(CORRECTIONS)}",
+    "accuracy_window": "use 1 or more predictions",
+    "watch_margin": "use an accuracy margin in [0, 1), e.g. 0.02",
+    "watch_min_labels": "use 1 or more labels",
+    "watch_latency_factor": "use a factor above 1, e.g. 2",
 }
 
 
@@ -44,6 +48,15 @@ class MonitorSettings(ServiceSettings):
     alpha: float = Field(0.05, gt=0, lt=1)
     min_samples: int = Field(DEFAULT_MIN_SAMPLES, ge=1)
     correction: str = "holm"
+    # Online quality (labels joined) over the last `accuracy_window` answers (or seconds).
+    accuracy_window: int = Field(1000, ge=1)
+    accuracy_window_seconds: float | None = Field(None, gt=0)
+    # The rollback watch: with a registered model name, a promotion whose champion does worse
+    # live than the previous one (see opsloop.monitor.watch) is moved back automatically.
+    watch_model: str | None = None
+    watch_margin: float = Field(0.02, ge=0, lt=1)
+    watch_min_labels: int = Field(50, ge=1)
+    watch_latency_factor: float = Field(2.0, gt=1)
     # Where the HTML report is rendered; None picks a fresh temporary directory.
     report_dir: Path | None = None
 

@@ -25,7 +25,7 @@ from opsloop.monitor.features import (
     image_statistics,
     softmax_features,
 )
-from opsloop.predictions import read_predictions
+from opsloop.predictions import CHAMPION_ROLE, read_predictions
 
 REFERENCE_ARRAYS = ("images", "probabilities", "embeddings")
 
@@ -141,10 +141,14 @@ def window_from_images(
 
 
 def window_from_log(url: str, *, last: int | None = None, since: float | None = None) -> Window:
-    """The last `last` logged predictions and/or those at or after Unix time `since`."""
+    """The last `last` answers the champion gave and/or those at or after Unix time `since`.
+
+    Shadow and canary answers are left out: they come from another model, whose embeddings and
+    softmax outputs would blend into the champion's (drift is judged per served model).
+    """
     if last is not None and last < 1:
         raise MonitorError(f"--last {last} must be at least 1")
-    logged = read_predictions(url, limit=last, since=since)
+    logged = read_predictions(url, limit=last, since=since, roles=[CHAMPION_ROLE])
     if len(logged) == 0:
         where = "" if since is None else f" since {iso_time(since)}"
         raise EmptyWindowError(

@@ -12,7 +12,8 @@ import getpass
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from opsloop.registry.versions import (
 logger = logging.getLogger(__name__)
 
 HISTORY_LIMIT = 50  # MLflow caps tag values; keep the newest events
+PROMOTION, ROLLBACK = "promotion", "rollback"
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,10 @@ class PromotionDecision:
     holdout: str
     at: str
     by: str
+    # "promotion" (the gate's decision) or "rollback" (the watch moved `champion` back: then
+    # `challenger_version` is the version restored and `champion_version` the one demoted).
+    kind: str = PROMOTION
+    evidence: dict[str, Any] = field(default_factory=dict)  # live figures the decision used
 
 
 @dataclass(frozen=True)
@@ -103,8 +109,13 @@ def promote_model(
     cache_dir: Path,
     version: str | None = None,
     force: bool = False,
+    evidence: EvidenceSource | None = None,
 ) -> PromotionDecision:
-    """Gate `version` (default: challenger) against the champion; move `champion` if it passes."""
+    """Gate `version` (default: challenger) against the champion; move `champion` if it passes.
+
+    With `cfg.live_min_labels > 0` the gate also needs live evidence, which `evidence` reads
+    (from the prediction log: `opsloop.monitor.quality.live_evidence`).
+    """
     challenger = get_version(
         ModelRef(name, version=version) if version else ModelRef(name, alias=CHALLENGER),
         tracking_uri,
@@ -116,6 +127,9 @@ def promote_model(
         contest = Contest(challenger, champion)
         return _decide(cfg, contest, forced=force, holdout=holdout[2], same=True)
     images, labels, holdout_name = holdout
+    live = None
+    if cfg.live_min_labels > 0 and champion is not None and evidence is not None:
+        live = evidence(challenger.version, champion.version)
     contest = Contest(
         challenger,
         champion,
@@ -123,6 +137,7 @@ def promote_model(
         None
         if champion is None
         else _score_version(champion, tracking_uri, cache_dir, images, labels, cfg),
+        live,
     )
     decision = _decide(cfg, contest, forced=force, holdout=holdout_name)
     _record(decision, tracking_uri)
@@ -162,6 +177,24 @@ def _score_version(
 
 
 @dataclass(frozen=True)
+class LiveEvidence:
+    """The challenger's live answers (shadow or canary) against the champion's, same period."""
+
+    role: str
+    challenger_labelled: int
+    champion_labelled: int
+    challenger_accuracy: float
+    champion_accuracy: float
+    difference: float  # challenger minus champion
+    lower: float  # 95% interval of the difference
+    upper: float
+
+
+# (challenger version, champion version) -> their live evidence, or None when there is none.
+EvidenceSource = Callable[[str, str], LiveEvidence | None]
+
+
+@dataclass(frozen=True)
 class Contest:
     """The versions the gate compares, with their holdout scores (None where not scored)."""
 
@@ -169,6 +202,7 @@ class Contest:
     champion: VersionInfo | None
     challenger_score: BundleScore | None = None
     champion_score: BundleScore | None = None
+    live: LiveEvidence | None = None
 
 
 def _decide(
@@ -176,6 +210,7 @@ def _decide(
 ) -> PromotionDecision:
     promoted, reason = _verdict(cfg, contest, forced=forced, same=same)
     chall, champ = contest.challenger_score, contest.champion_score
+    live = {} if contest.live is None else {"live": asdict(contest.live)}
     return PromotionDecision(
         promoted=promoted,
         forced=forced,
@@ -191,6 +226,7 @@ def _decide(
         holdout=holdout,
         at=datetime.now(UTC).isoformat(timespec="seconds"),
         by=_who(),
+        evidence=live,
     )
 
 
@@ -225,10 +261,37 @@ def gate_verdict(cfg: RegistryConfig, contest: Contest) -> tuple[bool, str]:
             f"holdout accuracy {chall.accuracy:.4f} trails champion v{champion.version}'s "
             f"{champ.accuracy:.4f} by {gap:.4f}, more than the margin {cfg.accuracy_margin:.4f}"
         )
-    return True, (
+    offline = (
         f"holdout accuracy {chall.accuracy:.4f} vs champion v{champion.version}'s "
         f"{champ.accuracy:.4f} (margin {cfg.accuracy_margin:.4f}); latency "
         f"{chall.latency_ms:.2f} ms within {cfg.latency_budget_ms:.2f} ms"
+    )
+    if cfg.live_min_labels <= 0:
+        return True, offline
+    return live_verdict(cfg, contest.live, offline)
+
+
+def live_verdict(cfg: RegistryConfig, live: LiveEvidence | None, offline: str) -> tuple[bool, str]:
+    """The live half of the gate: enough labelled live answers, and not worse beyond the margin."""
+    need = cfg.live_min_labels
+    if live is None or live.challenger_labelled < need:
+        have = 0 if live is None else live.challenger_labelled
+        return False, (
+            f"{offline}; but live evidence is missing: {have} labelled shadow/canary answers of "
+            f"the {need} required (run the server with OPSLOOP_SHADOW=true or a canary, and post "
+            "labels to /feedback)"
+        )
+    if live.difference < -cfg.live_margin:
+        return False, (
+            f"{offline}; but live {live.role} accuracy {live.challenger_accuracy:.4f} on "
+            f"{live.challenger_labelled} labels trails the champion's "
+            f"{live.champion_accuracy:.4f} by {-live.difference:.4f}, more than the live margin "
+            f"{cfg.live_margin:.4f}"
+        )
+    return True, (
+        f"{offline}; live {live.role} accuracy {live.challenger_accuracy:.4f} vs "
+        f"{live.champion_accuracy:.4f} on {live.challenger_labelled} labels "
+        f"({live.difference:+.4f}, 95% {live.lower:+.4f}..{live.upper:+.4f})"
     )
 
 
@@ -243,11 +306,55 @@ def _who() -> str:
         return "unknown"
 
 
+def rollback_champion(
+    name: str,
+    to_version: str,
+    reason: str,
+    tracking_uri: str,
+    *,
+    evidence: dict[str, Any] | None = None,
+    by: str = "opsloop monitor (rollback watch)",
+) -> PromotionDecision:
+    """Move `champion` back to `to_version`, recorded in the history like every promotion.
+
+    The demoted version gets `promotion.decision=rolled_back` and the reason as tags; servers
+    following the alias swap back at their next poll.
+    """
+    current = get_version(ModelRef(name, alias=CHAMPION), tracking_uri)
+    restored = get_version(ModelRef(name, version=to_version), tracking_uri)
+    decision = PromotionDecision(
+        promoted=True,
+        forced=False,
+        reason=f"rolled back from v{current.version}: {reason}",
+        name=name,
+        challenger_version=restored.version,
+        champion_version=current.version,
+        challenger_accuracy=None,
+        champion_accuracy=None,
+        challenger_latency_ms=None,
+        accuracy_margin=0.0,
+        latency_budget_ms=0.0,
+        holdout="live traffic",
+        at=datetime.now(UTC).isoformat(timespec="seconds"),
+        by=by,
+        kind=ROLLBACK,
+        evidence=dict(evidence or {}),
+    )
+    _record(decision, tracking_uri)
+    return decision
+
+
 def _record(decision: PromotionDecision, tracking_uri: str) -> None:
-    """Write the decision as version tags and history, then move the alias if promoted."""
+    """Write the decision as version tags and history, then move the alias if promoted.
+
+    A gate decision is tagged on the challenger; a rollback on the version it demotes.
+    """
     client = registry_client(tracking_uri)
+    rollback = decision.kind == ROLLBACK
+    tagged = decision.champion_version if rollback else decision.challenger_version
+    verdict = "promoted" if decision.promoted else "refused"
     tags = {
-        "promotion.decision": "promoted" if decision.promoted else "refused",
+        "promotion.decision": "rolled_back" if rollback else verdict,
         "promotion.forced": str(decision.forced).lower(),
         "promotion.reason": decision.reason,
         "promotion.at": decision.at,
@@ -261,7 +368,7 @@ def _record(decision: PromotionDecision, tracking_uri: str) -> None:
             tags[f"promotion.{key}"] = f"{value:.6f}"
     with registry_errors(tracking_uri):
         for key, value in tags.items():
-            client.set_model_version_tag(decision.name, decision.challenger_version, key, value)
+            client.set_model_version_tag(decision.name, tagged, key, value)
         history = promotion_history(decision.name, tracking_uri)
         history.append(asdict(decision))
         client.set_registered_model_tag(
@@ -269,10 +376,25 @@ def _record(decision: PromotionDecision, tracking_uri: str) -> None:
         )
         if decision.promoted:
             client.set_registered_model_alias(decision.name, CHAMPION, decision.challenger_version)
-    logger.info(
-        "%s v%s %s: %s",
-        decision.name,
-        decision.challenger_version,
-        tags["promotion.decision"],
-        decision.reason,
-    )
+    if rollback:
+        logger.warning(
+            "%s: champion moved back from v%s to v%s: %s",
+            decision.name,
+            decision.champion_version,
+            decision.challenger_version,
+            decision.reason,
+        )
+    else:
+        logger.info(
+            "%s v%s %s: %s",
+            decision.name,
+            decision.challenger_version,
+            tags["promotion.decision"],
+            decision.reason,
+        )
+
+
+def last_promotion(name: str, tracking_uri: str) -> dict[str, Any] | None:
+    """The newest event that moved `champion` (a promotion or a rollback), or None."""
+    moved = [event for event in promotion_history(name, tracking_uri) if event.get("promoted")]
+    return moved[-1] if moved else None

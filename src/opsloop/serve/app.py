@@ -8,7 +8,6 @@ Bad input is a 4xx (or 503 while no model is loaded) with `{"error": "..."}`, ne
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,30 +25,34 @@ from opsloop.serve.openapi import install_openapi
 from opsloop.serve.protocol import RequestError
 from opsloop.serve.routes import JSONBytes, router
 from opsloop.serve.settings import ServeSettings, get_settings
-from opsloop.serve.source import ModelSource, source_from_settings
+from opsloop.serve.source import ModelSource, candidate_source, source_from_settings
 from opsloop.serve.state import AppState, build_state
 
 logger = logging.getLogger(__name__)
 
 
 def create_app(
-    settings: ServeSettings | None = None, *, source: ModelSource | None = None
+    settings: ServeSettings | None = None,
+    *,
+    source: ModelSource | None = None,
+    candidate: ModelSource | None = None,
 ) -> FastAPI:
-    """The serving app for `settings` (default: the environment's); `source` overrides the model."""
+    """The serving app for `settings` (default: the environment's); `source` and `candidate`
+    override where the champion and the candidate (shadow/canary) come from."""
     settings = settings or get_settings()
-    state = build_state(settings, source or source_from_settings(settings))
+    state = build_state(
+        settings,
+        source or source_from_settings(settings),
+        candidate if candidate is not None else candidate_source(settings),
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await asyncio.to_thread(state.predlog.start)
-        await state.manager.start(settings.reload_poll_seconds)
-        logger.info("serving %s", state.manager.source.describe())
+        await state.start()
         try:
             yield
         finally:
-            await state.manager.close()  # every queued request is answered first
-            await asyncio.to_thread(state.predlog.close)  # then everything logged is written
-            state.executor.shutdown(wait=True)
+            await state.close()  # every queued request is answered, then everything is logged
 
     app = FastAPI(
         title="opsloop inference API",

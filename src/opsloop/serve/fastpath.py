@@ -13,6 +13,7 @@ import time
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from opsloop.predictions import CHAMPION_ROLE
 from opsloop.serve.batching import BatcherClosedError
 from opsloop.serve.middleware import CLIENT_GONE, ENDPOINT_KEY, STATUS_KEY
 from opsloop.serve.protocol import (
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 MODELS_PREFIX = "/v2/models/"
 INFER_SUFFIX = "/infer"
 VERSION_HEADER = "x-model-version"
+ROLE_HEADER = "x-model-role"  # set on answers not given by the champion (a canary's)
 # The metrics label of the fast path: the same route template form as every other endpoint's.
 INFER_ENDPOINT = "/v2/models/{model_name}/infer"
 
@@ -78,9 +80,10 @@ class InferFastPath:
                 header_length=parse_header_length(headers.get(HEADER_LENGTH)),
                 max_rows=self.settings.max_request_rows,
             )
+            served, role = self.state.route(served, request.id)
             outputs = await served.batcher.predict(request.pixels)
             payload, header_length = encode_infer_response(
-                served.signature, request, output_tensors(*outputs)
+                served.signature, request, output_tensors(*outputs), role
             )
             self.state.log_prediction(
                 request_id=request.id,
@@ -89,8 +92,9 @@ class InferFastPath:
                 pixels=request.pixels,
                 outputs=outputs,
                 started=started,
+                role=role,
             )
-            await send_bytes(send, 200, payload, served.signature.version, header_length)
+            await send_bytes(send, 200, payload, served.signature.version, header_length, role)
         except RequestError as exc:
             status = exc.status
             self.metrics.reject(INFER_ENDPOINT, exc.reason)
@@ -163,6 +167,7 @@ async def send_bytes(
     body: bytes,
     model_version: str | None = None,
     header_length: int | None = None,
+    role: str = CHAMPION_ROLE,
 ) -> None:
     content_type = b"application/json" if header_length is None else b"application/octet-stream"
     headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
@@ -170,5 +175,7 @@ async def send_bytes(
         headers.append((VERSION_HEADER.encode(), model_version.encode()))
     if header_length is not None:
         headers.append((HEADER_LENGTH.encode(), str(header_length).encode()))
+    if role != CHAMPION_ROLE:
+        headers.append((ROLE_HEADER.encode(), role.encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -62,8 +62,10 @@ class ModelManager:
         metrics: ServeMetrics,
         tuning: SessionTuning | None = None,
         limits: BatchingLimits | None = None,
+        candidate: bool = False,
     ) -> None:
         self.source = source
+        self.candidate = candidate  # the shadow/canary model, reported as such in the metrics
         self.executor = executor
         self.metrics = metrics
         self.tuning = tuning or SessionTuning()
@@ -113,7 +115,9 @@ class ModelManager:
         self.current = ServedModel(model, batcher, new_fingerprint)  # the atomic swap
         self.last_error = None
         previous = None if old is None else (old.signature.name, old.signature.version)
-        self.metrics.model_loaded(model.signature.name, model.version, previous)
+        self.metrics.model_loaded(
+            model.signature.name, model.version, previous, candidate=self.candidate
+        )
         logger.info(
             "serving %s v%s (was %s)",
             model.signature.name,

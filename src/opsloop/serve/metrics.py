@@ -81,6 +81,28 @@ class ServeMetrics:
         )
         self.reloads = counter("opsloop_model_reloads", "Model (re)loads by outcome", ["outcome"])
         self.predlog_rows = counter("opsloop_predlog_rows", "Rows written to the prediction log")
+        self.predlog_dropped_rows = counter(
+            "opsloop_predlog_dropped_rows",
+            "Rows the prediction log gave up on: its buffer overflowed while the database was away",
+        )
+        self.candidate_info = Gauge(
+            "opsloop_candidate_info",
+            "The candidate model (shadow or canary): 1 for the version loaded",
+            ["model_name", "model_version"],
+            multiprocess_mode="livemax",
+            registry=self.registry,
+        )
+        self.routed = counter(
+            "opsloop_routed_requests", "Answered requests by who answered them", ["role"]
+        )
+        self.shadow_rows = counter(
+            "opsloop_shadow_rows",
+            "Rows the candidate ran in shadow: logged, skipped (backlog full) or failed",
+            ["outcome"],
+        )
+        self.feedback_labels = counter(
+            "opsloop_feedback_labels", "Labels received on /feedback", ["outcome"]
+        )
         self._request_children: dict[tuple[str, int], Any] = {}
         self._latency_children: dict[str, Any] = {}
         self._class_children: dict[str, Any] = {}
@@ -118,10 +140,14 @@ class ServeMetrics:
     def reject(self, endpoint: str, reason: str) -> None:
         self.rejected.labels(endpoint, reason).inc()
 
-    def model_loaded(self, name: str, version: str, previous: tuple[str, str] | None) -> None:
+    def model_loaded(
+        self, name: str, version: str, previous: tuple[str, str] | None, *, candidate: bool = False
+    ) -> None:
+        """The served (or, with `candidate`, the shadow/canary) model changed."""
+        gauge = self.candidate_info if candidate else self.model_info
         if previous is not None and previous != (name, version):
-            self.model_info.labels(*previous).set(0)
-        self.model_info.labels(name, version).set(1)
+            gauge.labels(*previous).set(0)
+        gauge.labels(name, version).set(1)
         self.reloads.labels("loaded").inc()
 
     def render(self) -> tuple[bytes, str]:

@@ -30,6 +30,26 @@ PREDICT_BODY: dict[str, Any] = {
     }
 }
 
+# `POST /feedback` reads its body by hand (one label or a list): documented here.
+FEEDBACK_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "oneOf": [
+                        {"$ref": "#/components/schemas/FeedbackLabel"},
+                        {
+                            "type": "array",
+                            "items": {"$ref": "#/components/schemas/FeedbackLabel"},
+                        },
+                    ]
+                }
+            }
+        },
+    }
+}
+
 
 def install_openapi(app: FastAPI) -> None:
     """Add the infer endpoint (answered by the fast path, not a FastAPI route) to `/docs`."""
@@ -41,7 +61,12 @@ def install_openapi(app: FastAPI) -> None:
             title=app.title, version=app.version, description=app.description, routes=app.routes
         )
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (schemas.InferRequest, schemas.InferResponse, schemas.ErrorResponse):
+        for model in (
+            schemas.InferRequest,
+            schemas.InferResponse,
+            schemas.ErrorResponse,
+            schemas.FeedbackLabel,
+        ):
             document = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(document.pop("$defs", {}))
             components[model.__name__] = document

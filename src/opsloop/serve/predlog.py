@@ -25,11 +25,20 @@ from sqlalchemy import Connection, Engine, bindparam, insert
 from sqlalchemy.exc import SQLAlchemyError
 
 from opsloop.errors import ConfigError, OpsloopError, first_line, redact_url
-from opsloop.predictions import ensure_schema, open_engine, predictions
+from opsloop.predictions import (
+    CHAMPION_ROLE,
+    EngineOptions,
+    ensure_schema,
+    open_engine,
+    predictions,
+)
 
 logger = logging.getLogger(__name__)
 
+# Pauses between attempts while the database refuses writes; the last one repeats until it is
+# back (rows wait in memory meanwhile, at most `max_buffered_rows` of them).
 RETRY_SECONDS = (0.1, 0.5, 1.0, 2.0, 5.0)
+DEFAULT_MAX_BUFFERED_ROWS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,12 +54,13 @@ class LogRecord:
     probabilities: npt.NDArray[np.float32]
     embedding: npt.NDArray[np.float32]
     latency_ms: float
+    role: str = CHAMPION_ROLE  # champion, canary (answered by the challenger) or shadow
 
 
 # The columns every row fills, in the order `rows_of` produces them (all but the `id` key).
 COLUMNS = tuple(column.name for column in predictions.columns if column.name != "id")
 Row = tuple[Any, ...]
-# Rows per multi-row INSERT: 256 x 14 parameters stays far below SQLite's limit of 32766.
+# Rows per multi-row INSERT: 256 x 15 parameters stays far below SQLite's limit of 32766.
 MULTIROW_CHUNK = 256
 
 
@@ -112,6 +122,7 @@ def _rows_of_run(run: Sequence[LogRecord]) -> list[Row]:
                     label_list[index],
                     confidence[index],
                     record.latency_ms,
+                    record.role,
                 )
             )
             index += 1
@@ -164,13 +175,24 @@ class PredictionLog:
         batch_rows: int = 512,
         flush_interval_s: float = 0.2,
         on_written: Callable[[int], None] | None = None,
+        max_buffered_rows: int = DEFAULT_MAX_BUFFERED_ROWS,
+        on_dropped: Callable[[int], None] | None = None,
+        engine_options: EngineOptions | None = None,
     ) -> None:
         self.url = url
         self.on_written = on_written
+        self.on_dropped = on_dropped
         self.batch_rows = batch_rows
         self.flush_interval_s = flush_interval_s
+        self.max_buffered_rows = max_buffered_rows
+        self.engine_options = engine_options
         self.rows_written = 0
+        self.rows_dropped = 0
         self.write_errors = 0
+        # The rows of the batch being written: kept, in order, until the database takes them.
+        self._unwritten: list[Row] = []
+        self._failures = 0  # consecutive failed attempts; 0 while the database takes writes
+        self._give_up_at = float("inf")  # set by close(): when to stop retrying and drop the rest
         # A deque, not a queue.Queue: appending wakes no thread. The writer wakes on its own
         # timer and takes everything at once, so the serving thread never hands it the GIL per
         # prediction.
@@ -182,7 +204,7 @@ class PredictionLog:
     def start(self) -> None:
         """Open the database (creating the table) and start the writer thread."""
         try:
-            self._engine = open_engine(self.url, create=True)
+            self._engine = open_engine(self.url, create=True, options=self.engine_options)
             ensure_schema(self._engine)
         except (SQLAlchemyError, OSError, OpsloopError) as exc:
             raise ConfigError(
@@ -205,6 +227,9 @@ class PredictionLog:
         """Write everything queued, then stop the writer (graceful shutdown)."""
         if self._thread is None:
             return
+        # While the database is down, retry until shortly before `timeout`, then count the
+        # rest as dropped, so the join below sees the thread finish.
+        self._give_up_at = time.monotonic() + max(0.0, timeout - 1.0)
         self._stop.set()
         self._thread.join(timeout)
         if self._thread.is_alive():
@@ -218,9 +243,36 @@ class PredictionLog:
     def _write_forever(self) -> None:
         stopping = False
         while not stopping:
-            stopping = self._stop.wait(self.flush_interval_s)
-            while self._pending:  # everything queued, in batches of about batch_rows rows
-                self._write(self._take(self.batch_rows))
+            stopping = self._stop.wait(self._pause())
+            self._drain()
+        # Shutting down: keep trying while the database is away, until close()'s deadline.
+        while self._has_backlog() and time.monotonic() < self._give_up_at:
+            time.sleep(min(self._pause(), max(0.0, self._give_up_at - time.monotonic())))
+            self._drain()
+        if self._has_backlog():
+            rows = self._buffered_rows()
+            self._unwritten = []
+            self._pending.clear()
+            self._drop(rows, "the log was closed while the database was away")
+
+    def _pause(self) -> float:
+        """The flush interval, or the back-off of the current run of failures."""
+        if self._failures == 0:
+            return self.flush_interval_s
+        return RETRY_SECONDS[min(self._failures, len(RETRY_SECONDS)) - 1]
+
+    def _has_backlog(self) -> bool:
+        return bool(self._unwritten or self._pending)
+
+    def _drain(self) -> None:
+        """Write everything queued, batch by batch; on a failure keep it and back off."""
+        while self._has_backlog():
+            if not self._unwritten:
+                self._unwritten = rows_of(self._take(self.batch_rows))
+            if not self._write(self._unwritten):
+                self._enforce_bound()
+                return
+            self._unwritten = []
 
     def _take(self, max_rows: int) -> list[LogRecord]:
         """The oldest queued records, up to about `max_rows` rows (at least one record)."""
@@ -232,31 +284,59 @@ class PredictionLog:
             rows += len(record.inputs)
         return records
 
-    def _write(self, records: Sequence[LogRecord]) -> None:
-        """Insert in one transaction, retrying with back-off while the database is unavailable."""
-        rows = rows_of(records)
+    def _write(self, rows: Sequence[Row]) -> bool:
+        """Insert in one transaction; False (and the error logged) when the database refused."""
         assert self._engine is not None
-        for attempt, pause in enumerate((*RETRY_SECONDS, None)):
-            try:
-                with self._engine.begin() as connection:
-                    insert_rows(connection, rows)
-            except SQLAlchemyError as exc:
-                self.write_errors += 1
-                logger.warning(
-                    "prediction log write of %d rows failed (attempt %d): %s",
-                    len(rows),
-                    attempt + 1,
-                    first_line(exc),
-                )
-                if pause is None:
-                    logger.error("prediction log: dropped %d rows after retries", len(rows))
-                    return
-                time.sleep(pause)
-                continue
-            self.rows_written += len(rows)
-            if self.on_written is not None:
-                self.on_written(len(rows))
+        try:
+            with self._engine.begin() as connection:
+                insert_rows(connection, rows)
+        except SQLAlchemyError as exc:
+            self.write_errors += 1
+            self._failures += 1
+            logger.warning(
+                "prediction log write of %d rows failed (attempt %d, %d rows waiting): %s",
+                len(rows),
+                self._failures,
+                self._buffered_rows(),
+                first_line(exc),
+            )
+            return False
+        if self._failures:
+            logger.info("prediction log: the database takes writes again")
+        self._failures = 0
+        self.rows_written += len(rows)
+        if self.on_written is not None:
+            self.on_written(len(rows))
+        return True
+
+    def _buffered_rows(self) -> int:
+        # Reads a deque another thread appends to: iterating a snapshot (list) is safe.
+        return len(self._unwritten) + sum(len(record.inputs) for record in list(self._pending))
+
+    def _enforce_bound(self) -> None:
+        """Drop the oldest rows beyond `max_buffered_rows`: memory stays bounded in an outage.
+
+        The oldest go first because the monitor and the loop judge recent traffic.
+        """
+        excess = self._buffered_rows() - self.max_buffered_rows
+        if excess <= 0:
             return
+        dropped = min(excess, len(self._unwritten))
+        del self._unwritten[:dropped]
+        while dropped < excess and self._pending:
+            dropped += len(self._pending.popleft().inputs)
+        self._drop(dropped, f"more than {self.max_buffered_rows} rows waited for the database")
+
+    def _drop(self, rows: int, why: str) -> None:
+        """Count (and report) rows given up on; the caller has removed them."""
+        if rows == 0:
+            return
+        self.rows_dropped += rows
+        if self.on_dropped is not None:
+            self.on_dropped(rows)
+        logger.error(
+            "prediction log: dropped %d rows (%d in all): %s", rows, self.rows_dropped, why
+        )
 
 
 class NullPredictionLog(PredictionLog):

@@ -307,8 +307,12 @@ def encode_infer_response(
     signature: ModelSignature,
     request: InferRequest,
     tensors: Mapping[str, npt.NDArray[Any]],
+    role: str = "champion",
 ) -> tuple[bytes, int | None]:
-    """The V2 response body, and the JSON header's length when binary outputs follow it."""
+    """The V2 response body, and the JSON header's length when binary outputs follow it.
+
+    An answer by a canary says so in the response's `parameters` (`{"role": "canary"}`).
+    """
     described: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for output in request.outputs:
@@ -325,22 +329,25 @@ def encode_infer_response(
         else:
             entry["data"] = array.ravel()
         described.append(entry)
-    header = orjson.dumps(
-        {
-            "model_name": signature.name,
-            "model_version": signature.version,
-            "id": request.id,
-            "outputs": described,
-        },
-        option=orjson.OPT_SERIALIZE_NUMPY,
-    )
+    document: dict[str, Any] = {
+        "model_name": signature.name,
+        "model_version": signature.version,
+        "id": request.id,
+        "outputs": described,
+    }
+    if role != "champion":
+        document["parameters"] = {"role": role}
+    header = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:
         return header, None
     return header + b"".join(blobs), len(header)
 
 
 def encode_predict_response(
-    signature: ModelSignature, request_id: str, probabilities: npt.NDArray[np.float32]
+    signature: ModelSignature,
+    request_id: str,
+    probabilities: npt.NDArray[np.float32],
+    role: str = "champion",
 ) -> dict[str, Any]:
     """The `/predict` answer for one image's probabilities: label, class name, confidence."""
     label = int(probabilities.argmax())
@@ -348,6 +355,7 @@ def encode_predict_response(
         "request_id": request_id,
         "model_name": signature.name,
         "model_version": signature.version,
+        "role": role,
         "label": label,
         "class_name": signature.class_names[label],
         "confidence": float(probabilities[label]),

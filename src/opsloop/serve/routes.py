@@ -7,6 +7,7 @@ Thin handlers on an `APIRouter`; each takes the app's state as the typed depende
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from collections.abc import Awaitable, Callable
@@ -14,14 +15,17 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request
+from pydantic import SecretStr
 from starlette.responses import Response
 
 from opsloop.errors import OpsloopError
+from opsloop.predictions import CHAMPION_ROLE
 from opsloop.serve import schemas
-from opsloop.serve.fastpath import VERSION_HEADER, read_body
+from opsloop.serve.fastpath import ROLE_HEADER, VERSION_HEADER, read_body
+from opsloop.serve.feedback import parse_labels
 from opsloop.serve.image import decode_predict_request, parse_invert
 from opsloop.serve.manager import ServedModel
-from opsloop.serve.openapi import PREDICT_BODY
+from opsloop.serve.openapi import FEEDBACK_BODY, PREDICT_BODY
 from opsloop.serve.protocol import (
     RequestError,
     encode_predict_response,
@@ -132,8 +136,9 @@ async def predict(state: StateDep, request: Request, invert: str = "auto") -> Re
         served.model.bundle.manifest.preprocessing,
         choice,
     )
-    outputs = await served.batcher.predict(pixels)
     request_id = new_request_id()
+    served, role = state.route(served, request_id)
+    outputs = await served.batcher.predict(pixels)
     state.log_prediction(
         request_id=request_id,
         endpoint="predict",
@@ -141,11 +146,50 @@ async def predict(state: StateDep, request: Request, invert: str = "auto") -> Re
         pixels=pixels,
         outputs=outputs,
         started=started,
+        role=role,
     )
     return JSONBytes(
-        encode_predict_response(served.signature, request_id, outputs[0][0]),
-        headers=version_header(served),
+        encode_predict_response(served.signature, request_id, outputs[0][0], role),
+        headers=version_header(served, role),
     )
+
+
+@router.post(
+    "/feedback",
+    response_model=schemas.FeedbackResponse,
+    responses={code: {"model": schemas.ErrorResponse} for code in (401, 403, 413, 422, 503)},
+    openapi_extra=FEEDBACK_BODY,
+    tags=["ground truth"],
+)
+async def post_feedback(state: StateDep, request: Request) -> Response:
+    """Labels that arrived later, for predictions the server answered.
+
+    One object or a list: `{"request_id": "...", "item": 0, "label": 3}` (or `"label": "3"`, a
+    class name). `request_id` is the `id` of the V2 response (send your own `id` in the request
+    to join your labelling system's records), or `request_id` of `/predict`; `item` is the
+    example's row in that request. Posting a label again replaces it (the change is kept).
+    """
+    if state.settings.feedback_token is not None:
+        check_bearer(
+            state.settings.feedback_token,
+            request.headers.get("authorization"),
+            "feedback",
+            "OPSLOOP_FEEDBACK_TOKEN",
+        )
+    served = state.served()  # labels are checked against the served model's classes
+    body = await read_body(request.receive, request.headers.get("content-length"), state.settings)
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise RequestError(f"malformed JSON: {exc}", status=400, reason="malformed_json") from None
+    try:
+        labels = parse_labels(document, served.signature.class_names)
+    except RequestError:
+        state.metrics.feedback_labels.labels("refused").inc()
+        raise
+    await asyncio.to_thread(state.feedback.record, labels)
+    state.metrics.feedback_labels.labels("stored").inc(len(labels))
+    return JSONBytes({"accepted": len(labels)})
 
 
 @router.get("/metrics", tags=["monitoring"], response_class=Response)
@@ -188,8 +232,12 @@ async def admin_reload(state: StateDep, request: Request) -> Response:
     )
 
 
-def version_header(served: ServedModel) -> dict[str, str]:
-    return {VERSION_HEADER: served.signature.version}
+def version_header(served: ServedModel, role: str = CHAMPION_ROLE) -> dict[str, str]:
+    """The answering model's version, and its role when it is not the champion."""
+    headers = {VERSION_HEADER: served.signature.version}
+    if role != CHAMPION_ROLE:
+        headers[ROLE_HEADER] = role
+    return headers
 
 
 def check_admin(settings: ServeSettings, authorization: str | None) -> None:
@@ -200,13 +248,18 @@ def check_admin(settings: ServeSettings, authorization: str | None) -> None:
             status=403,
             reason="admin_disabled",
         )
+    check_bearer(settings.admin_token, authorization, "admin", "OPSLOOP_ADMIN_TOKEN")
+
+
+def check_bearer(expected: SecretStr, authorization: str | None, what: str, variable: str) -> None:
+    """401 without `Authorization: Bearer <token>`, 403 with a wrong token (compared in
+    constant time)."""
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise RequestError(
-            "missing admin token; send 'Authorization: Bearer <OPSLOOP_ADMIN_TOKEN>'",
+            f"missing {what} token; send 'Authorization: Bearer <{variable}>'",
             status=401,
             reason="unauthenticated",
         )
-    expected = settings.admin_token.get_secret_value().encode()
-    if not hmac.compare_digest(token.strip().encode(), expected):
-        raise RequestError("wrong admin token", status=403, reason="forbidden")
+    if not hmac.compare_digest(token.strip().encode(), expected.get_secret_value().encode()):
+        raise RequestError(f"wrong {what} token", status=403, reason="forbidden")

@@ -110,3 +110,20 @@ class ReloadResponse(BaseModel):
     model_name: str
     model_version: str
     previous_version: str | None
+
+
+class FeedbackLabel(BaseModel):
+    """A label for one served example (`POST /feedback`), as it arrives from a labelling system."""
+
+    request_id: str = Field(
+        min_length=1,
+        max_length=128,
+        description="The `id` the prediction was answered with (V2) or `request_id` (/predict)",
+        examples=["order-1234"],
+    )
+    item: int = Field(0, ge=0, description="The example's row within its request")
+    label: int | str = Field(description="A class index or a class name", examples=[3, "3"])
+
+
+class FeedbackResponse(BaseModel):
+    accepted: int = Field(description="Labels stored", examples=[1])

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import Field, SecretStr, ValidationError, field_validator
 
 from opsloop.predictions import LOG_OFF as PREDLOG_OFF
+from opsloop.predictions import EngineOptions
 from opsloop.service import COMMON_HINTS, ServiceSettings, settings_config, settings_error
 from opsloop.workspace import Workspace
 
@@ -28,7 +29,13 @@ HINTS = COMMON_HINTS | {
     "max_payload_bytes": "use a byte count of at least 1024",
     "max_request_rows": "use 1 or more rows per request",
     "predlog_url": f"use a SQLAlchemy URL such as sqlite:///predictions.db, or '{PREDLOG_OFF}'",
+    "predlog_max_buffered_rows": "use 1 or more rows (kept in memory while the database is away)",
+    "predlog_pool_size": "use 1 or more connections per worker process",
+    "predlog_pool_timeout_s": "use a positive number of seconds",
+    "predlog_connect_timeout_s": "use a positive number of seconds (PostgreSQL rounds up to 2)",
     "reload_poll_seconds": "use 0 (never poll) or a positive number of seconds",
+    "canary_fraction": "use a fraction of requests from 0 (off) to 1",
+    "shadow_max_pending_rows": "use 1 or more rows",
 }
 
 
@@ -52,7 +59,28 @@ class ServeSettings(ServiceSettings):
     predlog_url: str | None = None
     predlog_batch_rows: int = Field(512, ge=1)
     predlog_flush_ms: float = Field(200, gt=0)
+    # While the database is away, rows wait in memory (retried with back-off); beyond this many
+    # the oldest are dropped and counted in opsloop_predlog_dropped_rows_total.
+    predlog_max_buffered_rows: int = Field(100_000, ge=1)
+    # A server database's (PostgreSQL's) connections per worker process, and how long to wait
+    # for a free one and for the server to accept a new one. SQLite ignores them.
+    predlog_pool_size: int = Field(2, ge=1)
+    predlog_pool_timeout_s: float = Field(10.0, gt=0)
+    predlog_connect_timeout_s: float = Field(5.0, gt=0)
     admin_token: SecretStr | None = None
+    # Labels posted to /feedback must carry `Authorization: Bearer <token>` when this is set.
+    feedback_token: SecretStr | None = None
+    # The candidate: a second model, by default the registry's `model_name@candidate_alias` (or
+    # the bundle at candidate_bundle_path). `shadow` runs it on every request off the response
+    # path and logs its answers (role=shadow); `canary_fraction` of the requests, picked by a
+    # hash of the request id (so a client's retries stick), are answered by it (role=canary).
+    shadow: bool = False
+    canary_fraction: float = Field(0.0, ge=0, le=1)
+    candidate_alias: str = Field("challenger", min_length=1)
+    candidate_bundle_path: Path | None = None
+    # Shadow work waiting for the candidate beyond this many rows is skipped (and counted), so
+    # a slow candidate can never slow the answers down or grow memory without bound.
+    shadow_max_pending_rows: int = Field(1024, ge=1)
     access_log: bool = False
     # ONNX Runtime runs in a thread beside the event loop (true), or on the loop itself (false:
     # less overhead for a tiny model when every core already runs a worker).
@@ -81,11 +109,23 @@ class ServeSettings(ServiceSettings):
     def predlog_enabled(self) -> bool:
         return self.predlog_url != PREDLOG_OFF
 
+    def predlog_engine_options(self) -> EngineOptions:
+        """The prediction log's connection pool and timeouts (a server database's)."""
+        return EngineOptions(
+            pool_size=self.predlog_pool_size,
+            pool_timeout_s=self.predlog_pool_timeout_s,
+            connect_timeout_s=self.predlog_connect_timeout_s,
+        )
+
     def resolved_predlog_url(self) -> str:
         """The prediction-log URL, defaulting to SQLite beside the workspace's other stores."""
         if self.predlog_url is not None:
             return self.predlog_url
         return Workspace(self.workspace).predictions_url
+
+    @property
+    def candidate_enabled(self) -> bool:
+        return self.shadow or self.canary_fraction > 0
 
     def describe_source(self) -> str:
         """Where the served model comes from, for logs and messages."""

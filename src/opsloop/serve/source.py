@@ -73,9 +73,19 @@ class RegistrySource:
 
 
 def source_from_settings(settings: ServeSettings) -> ModelSource:
+    """The champion's source: the bundle path, else the registry alias."""
     if settings.bundle_path is not None:
         return BundlePathSource(settings.bundle_path)
     return RegistrySource(settings.model_name, settings.model_alias, settings.workspace)
+
+
+def candidate_source(settings: ServeSettings) -> ModelSource | None:
+    """The candidate's source when shadow or canary is on: its bundle path, else its alias."""
+    if not settings.candidate_enabled:
+        return None
+    if settings.candidate_bundle_path is not None:
+        return BundlePathSource(settings.candidate_bundle_path)
+    return RegistrySource(settings.model_name, settings.candidate_alias, settings.workspace)
 
 
 def fingerprint(bundle_dir: Path) -> str:

@@ -1,20 +1,28 @@
-"""What the routes share: `AppState` (settings, metrics, model manager, prediction log, executor).
+"""What the routes share: `AppState` (settings, metrics, the champion and the candidate model,
+the prediction log, the label store, the inference executor).
 
 `build_state(settings, source)` makes it once per app; routes get it through the FastAPI
-dependency `get_state`, which tests can swap with `app.dependency_overrides[get_state]`.
+dependency `get_state`, which tests can swap with `app.dependency_overrides[get_state]`. It also
+decides who answers a request (`route`: the champion, or for a canary share the candidate) and
+runs the candidate in shadow off the response path (`shadow`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from fastapi import Request
 
+from opsloop.predictions import CANARY_ROLE, CHAMPION_ROLE, SHADOW_ROLE
+from opsloop.serve.feedback import FeedbackStore, NullFeedbackStore
 from opsloop.serve.manager import BatchingLimits, ModelManager, ServedModel
 from opsloop.serve.metrics import ServeMetrics
 from opsloop.serve.predlog import LogRecord, NullPredictionLog, PredictionLog
@@ -22,6 +30,8 @@ from opsloop.serve.protocol import RequestError
 from opsloop.serve.runtime import SessionTuning
 from opsloop.serve.settings import ServeSettings
 from opsloop.serve.source import ModelSource
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,6 +43,52 @@ class AppState:
     manager: ModelManager
     predlog: PredictionLog
     executor: ThreadPoolExecutor
+    feedback: FeedbackStore = field(default_factory=NullFeedbackStore)
+    candidate: ModelManager | None = None  # shadow / canary; None when both are off
+    _shadow_pending: int = field(default=0, init=False)
+    _shadow_tasks: set[asyncio.Task[None]] = field(default_factory=set, init=False)
+
+    async def start(self) -> None:
+        """Open the log and the label store, load the champion (and the candidate)."""
+        poll = self.settings.reload_poll_seconds
+        await asyncio.to_thread(self.predlog.start)
+        await asyncio.to_thread(self.feedback.start)
+        await self.manager.start(poll)
+        logger.info("serving %s", self.manager.source.describe())
+        if self.candidate is not None:
+            await self.candidate.start(poll)
+            mode = "shadow" if self.settings.shadow else ""
+            if self.settings.canary_fraction > 0:
+                mode += f"{' and ' if mode else ''}canary {self.settings.canary_fraction:g}"
+            logger.info("candidate %s (%s)", self.candidate.source.describe(), mode)
+
+    async def close(self) -> None:
+        """Answer everything queued, finish shadow work, then write everything logged."""
+        await self.manager.close()
+        if self.candidate is not None:
+            await self.candidate.close()
+        if self._shadow_tasks:
+            await asyncio.gather(*self._shadow_tasks, return_exceptions=True)
+        await asyncio.to_thread(self.predlog.close)
+        await asyncio.to_thread(self.feedback.close)
+        self.executor.shutdown(wait=True)
+
+    def route(self, served: ServedModel, request_id: str) -> tuple[ServedModel, str]:
+        """Who answers this request: the candidate for the canary share, else the champion.
+
+        The share is picked by a hash of the request id, so a client that retries with its own
+        id gets the same model; without a client id the server's random id makes it random.
+        """
+        fraction = self.settings.canary_fraction
+        candidate = self.candidate.current if self.candidate is not None else None
+        if (
+            fraction > 0
+            and candidate is not None
+            and candidate.signature.item_shape == served.signature.item_shape
+            and canary_bucket(request_id) < fraction
+        ):
+            return candidate, CANARY_ROLE
+        return served, CHAMPION_ROLE
 
     def served(self, name: str | None = None, version: str | None = None) -> ServedModel:
         """The current model, if it is the one asked for: 503 while loading, 404 for another."""
@@ -65,8 +121,9 @@ class AppState:
         pixels: npt.NDArray[np.float32],
         outputs: tuple[npt.NDArray[Any], ...],
         started: float,
+        role: str = CHAMPION_ROLE,
     ) -> None:
-        """Queue the prediction for the log and count it in the metrics (no I/O here)."""
+        """Queue an answered prediction for the log and count it in the metrics (no I/O here)."""
         probabilities, embedding = outputs
         self.predlog.append(
             LogRecord(
@@ -79,12 +136,77 @@ class AppState:
                 probabilities=probabilities,
                 embedding=embedding,
                 latency_ms=(time.perf_counter() - started) * 1000.0,
+                role=role,
             )
         )
         self.metrics.observe_predictions(probabilities, served.signature.class_names)
+        self.metrics.routed.labels(role).inc()
+        if role == CHAMPION_ROLE and self.settings.shadow:
+            self.shadow(request_id, endpoint, pixels)
+
+    def shadow(self, request_id: str, endpoint: str, pixels: npt.NDArray[np.float32]) -> None:
+        """Run the candidate on the same rows later, off the response path, and log its answer.
+
+        The work goes on the candidate's own micro-batcher (shadow requests batch together) in
+        a task the response never waits for; past `shadow_max_pending_rows` rows waiting it is
+        skipped and counted instead, so a slow candidate cannot slow the champion's answers.
+        """
+        candidate = self.candidate.current if self.candidate is not None else None
+        if candidate is None or candidate.signature.item_shape != tuple(pixels.shape[1:]):
+            return
+        rows = len(pixels)
+        if self._shadow_pending + rows > self.settings.shadow_max_pending_rows:
+            self.metrics.shadow_rows.labels("skipped").inc(rows)
+            return
+        self._shadow_pending += rows
+        task = asyncio.get_running_loop().create_task(
+            self._run_shadow(candidate, request_id, endpoint, pixels)
+        )
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _run_shadow(
+        self,
+        candidate: ServedModel,
+        request_id: str,
+        endpoint: str,
+        pixels: npt.NDArray[np.float32],
+    ) -> None:
+        started = time.perf_counter()
+        try:
+            outputs = await candidate.batcher.predict(pixels)
+        except Exception as exc:  # e.g. the candidate is being swapped: skip, never raise
+            self.metrics.shadow_rows.labels("failed").inc(len(pixels))
+            logger.debug("shadow run of %s failed: %s", request_id, exc)
+            return
+        finally:
+            self._shadow_pending -= len(pixels)
+        probabilities, embedding = outputs
+        self.predlog.append(
+            LogRecord(
+                request_id=request_id,
+                created_at=time.time(),
+                endpoint=endpoint,
+                model_name=candidate.signature.name,
+                model_version=candidate.signature.version,
+                inputs=pixels,
+                probabilities=probabilities,
+                embedding=embedding,
+                latency_ms=(time.perf_counter() - started) * 1000.0,
+                role=SHADOW_ROLE,
+            )
+        )
+        self.metrics.shadow_rows.labels("logged").inc(len(pixels))
 
 
-def build_state(settings: ServeSettings, source: ModelSource) -> AppState:
+def canary_bucket(request_id: str) -> float:
+    """A request id's stable place in [0, 1): the same id always lands in the same place."""
+    return zlib.crc32(request_id.encode()) / 2**32
+
+
+def build_state(
+    settings: ServeSettings, source: ModelSource, candidate: ModelSource | None = None
+) -> AppState:
     """The state of one app: nothing starts here; the lifespan starts the log and the model."""
     metrics = ServeMetrics()
     # One inference thread per process: batches run one at a time, and the next batch queues up
@@ -103,11 +225,46 @@ def build_state(settings: ServeSettings, source: ModelSource) -> AppState:
             batch_rows=settings.predlog_batch_rows,
             flush_interval_s=settings.predlog_flush_ms / 1000.0,
             on_written=metrics.predlog_rows.inc,
+            on_dropped=metrics.predlog_dropped_rows.inc,
+            max_buffered_rows=settings.predlog_max_buffered_rows,
+            engine_options=settings.predlog_engine_options(),
         )
         if settings.predlog_enabled
         else NullPredictionLog()
     )
-    return AppState(settings, metrics, manager, predlog, executor)
+    feedback = (
+        FeedbackStore(settings.resolved_predlog_url())
+        if settings.predlog_enabled
+        else NullFeedbackStore()
+    )
+    return AppState(
+        settings,
+        metrics,
+        manager,
+        predlog,
+        executor,
+        feedback=feedback,
+        candidate=candidate_manager(settings, executor, metrics, candidate),
+    )
+
+
+def candidate_manager(
+    settings: ServeSettings,
+    executor: ThreadPoolExecutor,
+    metrics: ServeMetrics,
+    source: ModelSource | None,
+) -> ModelManager | None:
+    """The candidate's manager (on the same inference thread), when shadow or canary is on."""
+    if source is None:
+        return None
+    return ModelManager(
+        source,
+        executor=executor if settings.inference_thread else None,
+        metrics=metrics,
+        tuning=SessionTuning(settings.ort_intra_op_threads, settings.ort_inter_op_threads),
+        limits=BatchingLimits(settings.max_batch_size, settings.max_batch_wait_ms / 1000.0),
+        candidate=True,
+    )
 
 
 async def get_state(request: Request) -> AppState:
