@@ -12,7 +12,7 @@ split); and, for comparison, the average confidence (what CBPE reads after calib
 (Garg et al., 2022). A second column refits the estimator without the window's corruption family,
 to measure a shift of a kind it never saw (leave-one-family-out).
 
-Results go to benchmarks/results/estimate.json and, with --write-docs, into docs/monitoring.md.
+Results go to benchmarks/results/estimate.json and, with --write-docs, into docs/ground-truth.md.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from opsloop.monitor.estimate import (
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "estimate.json"
-DOCS = REPO / "docs" / "monitoring.md"
+DOCS = REPO / "docs" / "ground-truth.md"
 START_MARK = "<!-- benchmark:estimate:start -->"
 END_MARK = "<!-- benchmark:estimate:end -->"
 WINDOW = 200

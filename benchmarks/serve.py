@@ -11,7 +11,9 @@ on the machine hits them alike:
       one uvicorn worker (the pattern courses teach; the baseline for every ratio);
   (b) ceiling: ONNX Runtime called in this process without HTTP, batch = concurrency (<= 32);
   (c) constant: a bare ASGI app that reads the body and returns a constant, 2 SO_REUSEPORT workers;
-  (d) opsloop: `opsloop serve`, 2 workers, metrics and the prediction log on.
+  (d) opsloop: `opsloop serve`, 2 workers, metrics and the prediction log on;
+  (e) opsloop with shadow: (d), and a second copy of the model runs every request in shadow (off
+      the response path, its answers logged): (e)/(d) is the cost of shadowing.
 
 Results go to benchmarks/results/serve-<shape>.json and, with --write-docs, into docs/serving.md.
 Needs the `train` extra (torch) and wrk (`apt-get install wrk`).
@@ -339,7 +341,9 @@ def ceiling(bundle: Path, concurrency: int, duration: float) -> Cell:
 def run(shape: tuple[int, int, int], duration: float, workdir: Path) -> list[Cell]:
     bundle = make_artifacts(workdir, shape)
     env = {**os.environ, "BENCH_WORKDIR": str(workdir), "PYTHONPATH": str(REPO)}
-    ports = {name: free_port() for name in ("reference", "constant", "opsloop")}
+    ports = {name: free_port() for name in ("reference", "constant", "opsloop", "shadow")}
+    candidate = workdir / "candidate"
+    shutil.copytree(bundle, candidate)
     worker = [sys.executable, str(Path(__file__).resolve()), "--worker"]
     serve_env = env | {
         "OPSLOOP_BUNDLE_PATH": str(bundle),
@@ -349,6 +353,13 @@ def run(shape: tuple[int, int, int], duration: float, workdir: Path) -> list[Cel
         "OPSLOOP_PREDLOG_URL": f"sqlite:///{workdir / 'predictions.db'}",
         "OPSLOOP_LOG_LEVEL": "warning",
     }
+    shadow_env = serve_env | {
+        "OPSLOOP_PORT": str(ports["shadow"]),
+        "OPSLOOP_PREDLOG_URL": f"sqlite:///{workdir / 'shadow-predictions.db'}",
+        "OPSLOOP_SHADOW": "true",
+        "OPSLOOP_CANDIDATE_BUNDLE_PATH": str(candidate),
+    }
+    opsloop_serve = [sys.executable, "-c", "from opsloop.cli import main; raise SystemExit(main())"]
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     infer = "/v2/models/digits/infer"
     script = workdir / "post.lua"
@@ -362,32 +373,24 @@ def run(shape: tuple[int, int, int], duration: float, workdir: Path) -> list[Cel
         started(
             [[*worker, "constant_app", str(ports["constant"])]] * 2, env, urls["constant"] + "/"
         ),
-        started(
-            [
-                [
-                    sys.executable,
-                    "-c",
-                    "from opsloop.cli import main; raise SystemExit(main())",
-                    "serve",
-                ]
-            ],
-            serve_env,
-            urls["opsloop"] + "/v2/health/ready",
-        ),  # fmt: skip
+        started([[*opsloop_serve, "serve"]], serve_env, urls["opsloop"] + "/v2/health/ready"),
+        started([[*opsloop_serve, "serve"]], shadow_env, urls["shadow"] + "/v2/health/ready"),
     ):
-        for name in ("reference", "constant", "opsloop"):  # warm-up, not measured
+        for name in ("reference", "constant", "opsloop", "shadow"):  # warm-up, not measured
             wrk(urls[name] + infer, script, 8, 2)
         for concurrency in CONCURRENCY:
             for name, label in (
                 ("reference", "(a) FastAPI + pydantic + PyTorch, 1 worker"),
                 ("constant", "(c) constant answer, bare ASGI, 2 workers"),
                 ("opsloop", "(d) opsloop serve, 2 workers, metrics + log"),
+                ("shadow", "(e) (d) + the candidate in shadow"),
             ):
-                before = batch_stats(urls["opsloop"]) if name == "opsloop" else (0.0, 0.0)
+                ours = name in ("opsloop", "shadow")
+                before = batch_stats(urls[name]) if ours else (0.0, 0.0)
                 rate, p50, p99, errors = wrk(urls[name] + infer, script, concurrency, duration)
                 cell = Cell(label, concurrency, rate, p50, p99, errors)
-                if name == "opsloop":
-                    after = batch_stats(urls["opsloop"])
+                if ours:
+                    after = batch_stats(urls[name])
                     batches = after[1] - before[1]
                     cell.mean_batch = (after[0] - before[0]) / batches if batches else None
                 cells.append(cell)

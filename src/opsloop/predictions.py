@@ -283,7 +283,11 @@ def read_predictions(
     engine = open_engine(url, create=False)
     try:
         with engine.connect() as connection:
-            query = _labelled_query(has_feedback=inspect(connection).has_table(feedback.name))
+            inspector = inspect(connection)
+            columns = {column["name"] for column in inspector.get_columns(predictions.name)}
+            query = _labelled_query(
+                has_feedback=inspector.has_table(feedback.name), has_role="role" in columns
+            )
             if since is not None:
                 query = query.where(predictions.c.created_at >= since)
             if roles is not None:
@@ -303,12 +307,19 @@ def read_predictions(
     return _decoded(rows)
 
 
-def _labelled_query(*, has_feedback: bool) -> Select[Any]:
-    """Predictions, newest first, each outer-joined with the newest label for its example."""
+def _labelled_query(*, has_feedback: bool, has_role: bool) -> Select[Any]:
+    """Predictions, newest first, each outer-joined with the newest label for its example.
+
+    A log written by an older opsloop (no `role` column, no `feedback` table) reads as champion
+    answers without labels, until a server upgrades it (`ensure_schema`).
+    """
     newest = predictions.c.id.desc()
-    if not has_feedback:  # a log written before feedback existed
+    columns: list[Any] = [c for c in predictions.columns if has_role or c.name != "role"]
+    if not has_role:
+        columns.append(literal(CHAMPION_ROLE).label("role"))
+    if not has_feedback:
         return select(
-            predictions,
+            *columns,
             literal(NO_LABEL).label("true_label"),
             null().label("labelled_at"),
         ).order_by(newest)
@@ -324,7 +335,7 @@ def _labelled_query(*, has_feedback: bool) -> Select[Any]:
     )
     return (
         select(
-            predictions,
+            *columns,
             func.coalesce(label.c.label, NO_LABEL).label("true_label"),
             label.c.created_at.label("labelled_at"),
         )

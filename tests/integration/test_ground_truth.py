@@ -171,7 +171,7 @@ def wait_for(condition: object, what: str, timeout: float = 120.0) -> None:
 
 
 def test_labels_online_accuracy_shadow_canary_and_rollback(
-    world: World, stack: tuple[str, str, Path]
+    world: World, stack: tuple[str, str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     serve_url, monitor_url, workspace = stack
     traffic = Traffic(serve_url, world)
@@ -233,6 +233,18 @@ def test_labels_online_accuracy_shadow_canary_and_rollback(
     shadow_ids = {request_id for request_id, role in roles if role == "shadow"}
     champion_ids = {rid for rid, (_, _, role) in traffic.answers.items() if role == "champion"}
     assert champion_ids <= shadow_ids
+
+    # One request's chain: the version that answered, its run, commit, data and config, label.
+    traced = next(rid for rid, (_, _, role) in traffic.answers.items() if role == "champion")
+    predlog = f"sqlite:///{workspace / 'predictions.db'}"
+    assert main(["trace", traced, "--log", predlog, *config_overrides(world)]) == 0
+    out = capsys.readouterr().out
+    v1 = get_version(f"{MODEL}/1", world.uri)
+    assert f"model        {MODEL} v1" in out
+    assert f"mlflow run   {v1.run_id}" in out
+    assert v1.tags["dataset_hash"] in out
+    assert f"label        {traffic.labelled[traced]}" in out
+    assert "shadow answer" in out  # the challenger's answer to the same request, traced too
 
     # Force the bad challenger in; the watch must move champion back, under live traffic.
     background = threading.Thread(target=traffic.run, args=("live",), daemon=True)

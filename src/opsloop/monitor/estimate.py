@@ -12,7 +12,7 @@ confidence, CBPE's calibrated confidence, ATC's thresholded confidence), and thi
 overconfident exactly under the shifts that hurt it (a halved contrast leaves it ~90% confident at
 ~20% accuracy). The statistics here add what the inputs and embeddings say about the shift itself.
 What it cannot know: a shift unlike every synthetic one it was fitted on; the benchmark
-(`benchmarks/estimate.py`) measures both cases and docs/monitoring.md reports them.
+(`benchmarks/estimate.py`) measures both cases and docs/ground-truth.md reports them.
 """
 
 from __future__ import annotations
