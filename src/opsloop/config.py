@@ -73,6 +73,17 @@ class DataConfig:
     root: str | None = None
     image_size: int | None = None
     channels: int = 1
+    # production: the processed dataset `base` (under processed_dir) plus the labelled answers of
+    # the prediction log (`predlog_url`, default the server's); the newest `holdout_fraction` of
+    # them becomes the test split, so a model is judged on the world as it is now.
+    base: str | None = None
+    base_dir: str | None = None  # where `base` is prepared (default: processed_dir)
+    predlog_url: str | None = None
+    holdout_fraction: float = 0.3
+    min_labels: int = 50
+    # Only labels that had arrived by this Unix time: a snapshot that reads the same however
+    # often it is prepared (the loop pins it when a run starts). None: every label so far.
+    labels_until: float | None = None
     # Loading for training (the LightningDataModule).
     batch_size: int = 64
     num_workers: int = 0
@@ -361,6 +372,12 @@ def validate_data(data: DataConfig) -> None:
         raise ConfigError(f"data.channels={data.channels} is not supported; use 1 or 3")
     if data.batch_size < 1:
         raise ConfigError(f"data.batch_size={data.batch_size} must be at least 1")
+    if not 0.0 < data.holdout_fraction < 1.0:
+        raise ConfigError(
+            f"data.holdout_fraction={data.holdout_fraction} is out of range; use one in (0, 1)"
+        )
+    if data.min_labels < 1:
+        raise ConfigError(f"data.min_labels={data.min_labels} must be at least 1")
     if data.num_workers < 0:
         raise ConfigError(
             f"data.num_workers={data.num_workers} must be 0 (load in-process) or more"

@@ -68,8 +68,16 @@ def timed(
     return value
 
 
-def run_pipeline(cfg: OpsloopConfig) -> PipelineResult:
-    """Run every stage with `cfg`; the registry and bundles live in the tracking store."""
+def run_pipeline(
+    cfg: OpsloopConfig, *, promote: bool = True, outputs: Path | None = None
+) -> PipelineResult:
+    """Run every stage with `cfg`; the registry and bundles live in the tracking store.
+
+    With `promote=False` it stops after register and export: the new version is the
+    `challenger`, and the champion, its materialised bundle and dvc.lock stay as they are (the
+    loop gates its retrained models itself). `outputs` moves the run directory, the evaluation
+    report and the candidate bundle from the workspace's dvc.yaml places into that directory.
+    """
     from opsloop.data import prepare_dataset
     from opsloop.evaluate import evaluate_run
     from opsloop.export import export_bundle, lineage_from_run
@@ -94,8 +102,9 @@ def run_pipeline(cfg: OpsloopConfig) -> PipelineResult:
     name = cfg.registry.model_name
     stages: list[StageTiming] = []
     # The same output paths as dvc.yaml's stages, so `dvc commit` can record this run.
+    places = workspace if outputs is None else Workspace(outputs)
     if cfg.run_dir is None:
-        cfg = dataclasses.replace(cfg, run_dir=str(workspace.pipeline_run_dir))
+        cfg = dataclasses.replace(cfg, run_dir=str(places.pipeline_run_dir))
 
     data = timed(stages, "data", lambda: prepare_dataset(cfg.data), _describe_data)
     trained = timed(stages, "train", lambda: train_model(cfg), _describe_training)
@@ -108,7 +117,7 @@ def run_pipeline(cfg: OpsloopConfig) -> PipelineResult:
             cfg.data,
             cfg.logger,
             workspace=workspace.root,
-            out_dir=workspace.evaluation_dir,
+            out_dir=places.evaluation_dir,
             seed=cfg.seed,
         ),
         lambda result: (
@@ -127,7 +136,7 @@ def run_pipeline(cfg: OpsloopConfig) -> PipelineResult:
         lambda: export_bundle(
             trained.best_checkpoint,
             cfg.data,
-            workspace.candidate_bundle,
+            places.candidate_bundle,
             model_name=name,
             model_version=version.version,
             lineage=lineage_from_run(run_lineage(run_id, uri), run_id),
@@ -138,6 +147,18 @@ def run_pipeline(cfg: OpsloopConfig) -> PipelineResult:
         lambda result: f"{result.path} (parity {result.parity_max_abs_diff:.1e})",
     )
     attach_bundle(version, exported.path, uri)
+    if not promote:
+        return PipelineResult(
+            run_id=run_id,
+            model_name=name,
+            model_version=version.version,
+            accuracy=evaluation.metrics["accuracy"],
+            promoted=False,
+            decision="not gated (promotion left to the caller)",
+            champion_version=None,
+            bundle_path=exported.path,
+            stages=stages,
+        )
     decision = timed(
         stages,
         "promote",

@@ -116,10 +116,17 @@ def read_image(path: Path, *, channels: int, size: int | None) -> npt.NDArray[np
     return array[None, :, :] if array.ndim == 2 else np.transpose(array, (2, 0, 1))
 
 
+def _load_production(cfg: DataConfig) -> RawDataset:
+    from opsloop.data.production import load_production_dataset  # reads the prediction log
+
+    return load_production_dataset(cfg)
+
+
 Loader = Callable[[DataConfig], RawDataset]
 # Every dataset source by the name `data.source` gives it.
 SOURCES: dict[str, Loader] = {
     "digits": load_digits_dataset,
     "idx": _load_idx,
     "imagefolder": load_imagefolder_dataset,
+    "production": _load_production,
 }

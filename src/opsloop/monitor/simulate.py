@@ -287,6 +287,24 @@ def send(client: httpx.Client, url: str, body: bytes) -> int:
         return 0
 
 
+def replay_sources(
+    bundle_dir: Path | None, data_dir: Path | None, overrides: Sequence[str] = ()
+) -> tuple[Bundle, Path]:
+    """The bundle and the processed dataset to replay: the arguments, else the workspace's
+    champion bundle and the config's dataset (from the config that `overrides` compose)."""
+    if bundle_dir is None or data_dir is None:
+        from opsloop.config import load_config
+        from opsloop.data import dataset_dir
+        from opsloop.workspace import Workspace
+
+        cfg = load_config(overrides)
+        registry = cfg.registry
+        workspace = Workspace(Path(cfg.workspace))
+        bundle_dir = bundle_dir or workspace.served_bundle(registry.bundle_dir, registry.model_name)
+        data_dir = data_dir or dataset_dir(cfg.data)
+    return load_bundle(bundle_dir), data_dir
+
+
 def run_simulation(
     plan: TrafficPlan,
     bundle_dir: Path | None,
@@ -298,17 +316,7 @@ def run_simulation(
     An unset bundle is the champion's bundle in the workspace and an unset dataset the config's
     processed dataset, both from the config that `overrides` compose.
     """
-    if bundle_dir is None or data_dir is None:
-        from opsloop.config import load_config
-        from opsloop.data import dataset_dir
-        from opsloop.workspace import Workspace
-
-        cfg = load_config(overrides)
-        registry = cfg.registry
-        workspace = Workspace(Path(cfg.workspace))
-        bundle_dir = bundle_dir or workspace.served_bundle(registry.bundle_dir, registry.model_name)
-        data_dir = data_dir or dataset_dir(cfg.data)
-    bundle = load_bundle(bundle_dir)
+    bundle, data_dir = replay_sources(bundle_dir, data_dir, overrides)
     images, source = held_out_images(bundle, data_dir)
     if plan.model_name is None:
         plan = dataclasses.replace(plan, model_name=bundle.manifest.model_name)

@@ -8,11 +8,12 @@ recorded as version tags and in the registered model's promotion history.
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -110,11 +111,16 @@ def promote_model(
     version: str | None = None,
     force: bool = False,
     evidence: EvidenceSource | None = None,
+    guards: Sequence[Guard] = (),
+    by: str | None = None,
 ) -> PromotionDecision:
     """Gate `version` (default: challenger) against the champion; move `champion` if it passes.
 
     With `cfg.live_min_labels > 0` the gate also needs live evidence, which `evidence` reads
-    (from the prediction log: `opsloop.monitor.quality.live_evidence`).
+    (from the prediction log: `opsloop.monitor.quality.live_evidence`). Each of `guards` is a
+    further holdout the challenger must not trail the champion on by more than its margin (the
+    loop keeps the original test split as one, so retraining on new data cannot silently trade
+    the old world away).
     """
     challenger = get_version(
         ModelRef(name, version=version) if version else ModelRef(name, alias=CHALLENGER),
@@ -138,10 +144,62 @@ def promote_model(
         if champion is None
         else _score_version(champion, tracking_uri, cache_dir, images, labels, cfg),
         live,
+        [guard.score(challenger, champion, tracking_uri, cache_dir, cfg) for guard in guards],
     )
     decision = _decide(cfg, contest, forced=force, holdout=holdout_name)
+    if by is not None:
+        decision = dataclasses.replace(decision, by=by)
     _record(decision, tracking_uri)
     return decision
+
+
+@dataclass(frozen=True)
+class Guard:
+    """A further holdout (`data`'s `split`) the challenger may trail the champion on by at most
+    `margin`."""
+
+    data: DataConfig
+    margin: float
+    split: str = "test"
+
+    def score(
+        self,
+        challenger: VersionInfo,
+        champion: VersionInfo | None,
+        tracking_uri: str,
+        cache_dir: Path,
+        cfg: RegistryConfig,
+    ) -> GuardResult:
+        images, labels, name = _holdout(self.data, self.split)
+        mine = _score_version(challenger, tracking_uri, cache_dir, images, labels, cfg)
+        theirs = (
+            None
+            if champion is None
+            else _score_version(champion, tracking_uri, cache_dir, images, labels, cfg).accuracy
+        )
+        return GuardResult(name, self.margin, mine.accuracy, theirs)
+
+
+@dataclass(frozen=True)
+class GuardResult:
+    """Both versions' accuracy on one guard holdout."""
+
+    holdout: str
+    margin: float
+    challenger_accuracy: float
+    champion_accuracy: float | None
+
+    def verdict(self) -> str | None:
+        """Why the guard refuses, or None when it passes."""
+        if self.champion_accuracy is None:
+            return None
+        gap = self.champion_accuracy - self.challenger_accuracy
+        if gap <= self.margin:
+            return None
+        return (
+            f"on {self.holdout} its accuracy {self.challenger_accuracy:.4f} trails the "
+            f"champion's {self.champion_accuracy:.4f} by {gap:.4f}, more than {self.margin:.4f}"
+        )
 
 
 def _current_champion(name: str, tracking_uri: str) -> VersionInfo | None:
@@ -203,6 +261,7 @@ class Contest:
     challenger_score: BundleScore | None = None
     champion_score: BundleScore | None = None
     live: LiveEvidence | None = None
+    guards: list[GuardResult] = field(default_factory=list)
 
 
 def _decide(
@@ -210,7 +269,9 @@ def _decide(
 ) -> PromotionDecision:
     promoted, reason = _verdict(cfg, contest, forced=forced, same=same)
     chall, champ = contest.challenger_score, contest.champion_score
-    live = {} if contest.live is None else {"live": asdict(contest.live)}
+    evidence: dict[str, Any] = {} if contest.live is None else {"live": asdict(contest.live)}
+    if contest.guards:
+        evidence["guards"] = [asdict(guard) for guard in contest.guards]
     return PromotionDecision(
         promoted=promoted,
         forced=forced,
@@ -226,7 +287,7 @@ def _decide(
         holdout=holdout,
         at=datetime.now(UTC).isoformat(timespec="seconds"),
         by=_who(),
-        evidence=live,
+        evidence=evidence,
     )
 
 
@@ -236,6 +297,9 @@ def _verdict(
     if same:
         return False, f"version {contest.challenger.version} is already the champion"
     gated, why = gate_verdict(cfg, contest)
+    refusals = [reason for guard in contest.guards if (reason := guard.verdict()) is not None]
+    if gated and refusals:
+        gated, why = False, f"{why}; but {'; and '.join(refusals)}"
     if forced:
         return True, f"forced with --force (the gate would have {_gate_word(gated)}: {why})"
     return gated, why
@@ -256,6 +320,12 @@ def gate_verdict(cfg: RegistryConfig, contest: Contest) -> tuple[bool, str]:
     if champion is None or champ is None:
         return True, f"first champion (holdout accuracy {chall.accuracy:.4f})"
     gap = champ.accuracy - chall.accuracy
+    if gap > cfg.accuracy_margin and cfg.accuracy_margin < 0:  # it must be better (the loop's gate)
+        return False, (
+            f"holdout accuracy {chall.accuracy:.4f} is not better than champion "
+            f"v{champion.version}'s {champ.accuracy:.4f} by the required "
+            f"{-cfg.accuracy_margin:.4f}"
+        )
     if gap > cfg.accuracy_margin:
         return False, (
             f"holdout accuracy {chall.accuracy:.4f} trails champion v{champion.version}'s "
