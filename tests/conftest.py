@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 # Tools the tests drive must never phone home from a hermetic test run.
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MPLBACKEND", "Agg")
 # Tiny models on a small, shared CPU: one torch thread is many times faster than several
 # contending ones (measured in docs/training.md). Set before torch is first imported.

@@ -97,12 +97,12 @@ def _check_http_server(uri: str) -> None:
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise TrackingError(
-            f"cannot reach the tracking server at {uri} ({reason}); "
+            f"cannot reach the tracking server at {redact_url(uri)} ({reason}); "
             f"start it or unset {TRACKING_URI_ENV}"
         ) from exc
     if status != 200:
         raise TrackingError(
-            f"the tracking server at {uri} answered {status} on /health; "
+            f"the tracking server at {redact_url(uri)} answered {status} on /health; "
             f"check the server or unset {TRACKING_URI_ENV}"
         )
 
@@ -143,7 +143,7 @@ def _get_run(client: Any, run_id: str, tracking_uri: str) -> Any:
         return client.get_run(run_id)
     except MlflowException as exc:
         raise ModelNotFoundError(
-            f"no MLflow run '{run_id}' in {tracking_uri}; "
+            f"no MLflow run '{run_id}' in {redact_url(tracking_uri)}; "
             "pass a run id printed by `opsloop train` (or set OPSLOOP_TRACKING_URI to its store)"
         ) from exc
 
@@ -274,7 +274,7 @@ def connect_tracking_store(tracking_uri: str) -> None:
         _client(tracking_uri).search_experiments(max_results=1)
     except Exception as exc:  # MLflow, SQLAlchemy and Alembic each raise their own
         raise TrackingError(
-            f"cannot open the tracking store {tracking_uri}: {first_line(exc)}; "
+            f"cannot open the tracking store {redact_url(tracking_uri)}: {first_line(exc)}; "
             f"check logger.tracking_uri or {TRACKING_URI_ENV}"
         ) from exc
 
@@ -287,11 +287,21 @@ def ensure_experiment(cfg: LoggerConfig, workspace: Path) -> str:
 
 
 def _experiment_id(client: Any, name: str, tracking_uri: str, workspace: Path) -> str:
+    from mlflow.exceptions import MlflowException
+
     existing = client.get_experiment_by_name(name)
     if existing is not None and existing.lifecycle_stage != "deleted":
         return str(existing.experiment_id)
     location = artifact_location(tracking_uri, workspace)
-    return str(client.create_experiment(name, artifact_location=location))
+    try:
+        return str(client.create_experiment(name, artifact_location=location))
+    except MlflowException:
+        # Workers started together all find no experiment and all create it; the losers find
+        # the winner's now (a name taken by a deleted experiment still fails, as it should).
+        existing = client.get_experiment_by_name(name)
+        if existing is None or existing.lifecycle_stage == "deleted":
+            raise
+        return str(existing.experiment_id)
 
 
 @contextmanager
@@ -445,12 +455,12 @@ class MlflowTracker:
     def start(self) -> str | None:
         with tracking_errors(self._uri):
             self._run_id = self.lightning_logger().run_id  # the logger creates the run
-        logger.info("MLflow run %s in %s", self._run_id, self._uri)
+        logger.info("MLflow run %s in %s", self._run_id, redact_url(self._uri))
         return self._run_id
 
     def _client_and_run(self) -> tuple[Any, str]:
         if self._run_id is None:
-            raise TrackingError(f"no MLflow run was started in {self._uri}")
+            raise TrackingError(f"no MLflow run was started in {redact_url(self._uri)}")
         return self.lightning_logger().experiment, self._run_id
 
     def log_params(self, params: Mapping[str, object]) -> None:

@@ -26,7 +26,7 @@ import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
@@ -61,7 +61,7 @@ from opsloop.config import (
 )
 from opsloop.data import Manifest, dataset_dir, load_split, read_manifest
 from opsloop.data.datamodule import ProcessedDataModule
-from opsloop.errors import CheckpointError, OpsloopError, first_line
+from opsloop.errors import CheckpointError, OpsloopError, first_line, redact_url
 from opsloop.model import ImageClassifier
 from opsloop.tracking import Tracker, make_tracker
 
@@ -204,7 +204,10 @@ def fit_and_track(
     run_dir = setup.run_dir
     checkpoints = make_checkpoint_callback(cfg.trainer, run_dir / "checkpoints")
     lineage = LineageCallback(collect_lineage(cfg, setup.manifest))
-    run_logger = setup.tracker.lightning_logger()
+    # Only global zero tracks. A launcher that starts every rank at once (torchrun, SLURM) must
+    # not have the others open the store too: they would race to create a new store's schema.
+    is_rank_zero = getattr(rank_zero_only, "rank", 0) == 0  # as the launcher set RANK etc.
+    run_logger = setup.tracker.lightning_logger() if is_rank_zero else False
     trainer = build_trainer(
         cfg.trainer,
         run_dir,
@@ -217,7 +220,7 @@ def fit_and_track(
         logger=run_logger,
     )
     run = setup.tracker.for_rank(trainer.is_global_zero)
-    write_run_config(run_dir, cfg)
+    write_run_config(run_dir, shown_config(cfg))
     datamodule = ProcessedDataModule.from_config(cfg.data, seed=cfg.seed)
     with shared_run_dir(run_dir):
         try:
@@ -552,7 +555,7 @@ def _format_metrics(metrics: Mapping[str, float]) -> str:
 def record_inputs(run: Tracker, cfg: OpsloopConfig, run_dir: Path, tags: Mapping[str, str]) -> None:
     """Params (the flattened resolved config), lineage tags and the config file."""
     run.set_tags({**tags, "run_dir": str(run_dir.resolve())})
-    run.log_params(flatten_config(cfg))
+    run.log_params(flatten_config(shown_config(cfg)))
     run.log_artifact(run_dir / "config.yaml", "config")
 
 
@@ -618,6 +621,16 @@ def package_version(name: str) -> str:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
+
+
+def shown_config(cfg: OpsloopConfig) -> OpsloopConfig:
+    """The config as it is saved and logged with the run: passwords in its URLs hidden."""
+    tracking_uri, storage = cfg.logger.tracking_uri, cfg.sweep.storage
+    return replace(
+        cfg,
+        logger=replace(cfg.logger, tracking_uri=redact_url(tracking_uri) if tracking_uri else None),
+        sweep=replace(cfg.sweep, storage=redact_url(storage) if storage else None),
+    )
 
 
 def flatten_config(cfg: OpsloopConfig) -> dict[str, str]:

@@ -21,7 +21,7 @@ from opsloop.errors import ConfigError, OpsloopError, redact_url
 from opsloop.sweep.best import save_best
 from opsloop.sweep.objective import Objective, TrainFn
 from opsloop.sweep.space import validate_sweep
-from opsloop.sweep.study import open_storage, open_study, storage_url
+from opsloop.sweep.study import create_or_join_study, open_storage, storage_url
 from opsloop.sweep.tracker import open_tracker
 from opsloop.tracking import RunStatus
 
@@ -79,8 +79,8 @@ def run_sweep(
 
         train_fn = train_model
     url = storage_url(cfg)
-    study = open_study(cfg, open_storage(url))
-    tracker = open_tracker(cfg, study)
+    study, created = create_or_join_study(cfg, open_storage(url))
+    tracker = open_tracker(cfg, study, created=created)
     logger.info(
         "study %s (%s %s) in %s: running %d trials, %d already in it",
         cfg.sweep.study_name,

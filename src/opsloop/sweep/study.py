@@ -81,13 +81,28 @@ def _rdb_storage(url: str, engine_kwargs: dict[str, Any]) -> optuna.storages.RDB
 
 def open_study(cfg: OpsloopConfig, storage: optuna.storages.RDBStorage) -> optuna.Study:
     """Create the study, or join it when another worker already made it."""
+    return create_or_join_study(cfg, storage)[0]
+
+
+def create_or_join_study(
+    cfg: OpsloopConfig, storage: optuna.storages.RDBStorage
+) -> tuple[optuna.Study, bool]:
+    """The study, and whether this call created it.
+
+    Of workers started at the same moment exactly one creates it (the storage's unique study
+    name decides), so that one can set up what the study shares, such as its MLflow parent run.
+    """
     sweep = cfg.sweep
-    study = optuna.create_study(
-        storage=storage,
-        study_name=sweep.study_name,
-        direction="maximize" if sweep.direction == "maximize" else "minimize",
-        load_if_exists=True,
-    )
+    try:
+        study = optuna.create_study(
+            storage=storage,
+            study_name=sweep.study_name,
+            direction="maximize" if sweep.direction == "maximize" else "minimize",
+        )
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=sweep.study_name, storage=storage)
+        created = False
     existing_direction = study.direction.name.lower()
     if existing_direction != sweep.direction:
         raise ConfigError(
@@ -106,7 +121,7 @@ def open_study(cfg: OpsloopConfig, storage: optuna.storages.RDBStorage) -> optun
     # random start-up points of the first one; a lone worker stays reproducible.
     base_seed = sweep.sampler_seed if sweep.sampler_seed is not None else cfg.seed
     seed = base_seed + len(study.trials)
-    return optuna.load_study(
+    joined = optuna.load_study(
         study_name=sweep.study_name,
         storage=storage,
         sampler=optuna.samplers.TPESampler(seed=seed),
@@ -115,3 +130,4 @@ def open_study(cfg: OpsloopConfig, storage: optuna.storages.RDBStorage) -> optun
             n_warmup_steps=sweep.pruner_warmup_epochs,
         ),
     )
+    return joined, created

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -35,6 +36,9 @@ logger = logging.getLogger(__name__)
 
 # The study's user attribute that lets joining workers find the sweep's MLflow parent run.
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+# How long a worker that joined a new study waits for its creator to make the parent run.
+PARENT_WAIT_SECONDS = 60.0
+PARENT_POLL_SECONDS = 0.5
 
 
 class SweepTracker(Protocol):
@@ -80,14 +84,22 @@ class MlflowSweepTracker:
         return self._run_id
 
     @classmethod
-    def open(cls, cfg: OpsloopConfig, study: optuna.Study) -> MlflowSweepTracker:
-        """Reopen the study's parent run in this tracking store, or create it."""
+    def open(
+        cls, cfg: OpsloopConfig, study: optuna.Study, *, created: bool = True
+    ) -> MlflowSweepTracker:
+        """Reopen the study's parent run in this tracking store, or create it.
+
+        `created`: this worker created the study. Workers that joined a new one wait for its
+        creator's parent run instead of each making their own.
+        """
         workspace = Path(cfg.workspace)
         uri = resolve_tracking_uri(cfg.logger, workspace)
         check_tracking_reachable(uri)
         # Workers started together on a fresh workspace race to create the store's schema.
         retry_schema_race(lambda: connect_tracking_store(uri))
         known = study.user_attrs.get(PARENT_RUN_ATTR)
+        if not known and not created:
+            known = wait_for_parent_run(study)
         if known:
             tracker = cls(uri, str(known))
             if tracker.reopen():
@@ -145,13 +157,37 @@ class MlflowSweepTracker:
         try:
             yield
         except Exception as exc:
-            logger.warning("could not %s in %s: %s", action, self.tracking_uri, first_line(exc))
+            logger.warning(
+                "could not %s in %s: %s", action, redact_url(self.tracking_uri), first_line(exc)
+            )
 
 
-def open_tracker(cfg: OpsloopConfig, study: optuna.Study) -> SweepTracker:
-    """The sweep's MLflow parent run; a W&B group; or nothing (`logger=none`)."""
+def wait_for_parent_run(study: optuna.Study) -> str | None:
+    """The parent run id the study's creator records, or None if none is coming.
+
+    A study without trials is being set up by its creator, who makes the parent run before its
+    first trial; a study with trials but no parent run was tracked elsewhere (or not at all).
+    """
+    deadline = time.monotonic() + PARENT_WAIT_SECONDS
+    while True:
+        known = study.user_attrs.get(PARENT_RUN_ATTR)
+        if known:
+            return str(known)
+        if study.get_trials(deepcopy=False) or time.monotonic() > deadline:
+            logger.warning(
+                "study %s has no MLflow parent run yet; this worker starts one", study.study_name
+            )
+            return None
+        time.sleep(PARENT_POLL_SECONDS)
+
+
+def open_tracker(cfg: OpsloopConfig, study: optuna.Study, *, created: bool = True) -> SweepTracker:
+    """The sweep's MLflow parent run; a W&B group; or nothing (`logger=none`).
+
+    `created` says whether this worker created the study (see `MlflowSweepTracker.open`).
+    """
     if cfg.logger.name == "mlflow":
-        return MlflowSweepTracker.open(cfg, study)
+        return MlflowSweepTracker.open(cfg, study, created=created)
     if cfg.logger.name == "wandb":
         # W&B has no parent runs: training groups runs by the id it is given instead.
         return NullSweepTracker(group=cfg.sweep.study_name)
