@@ -123,15 +123,25 @@ def measure(
 ) -> list[Row]:
     session = onnx_session(bundle.model_path)
 
-    def predict(batch: npt.NDArray[np.float32]) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+    basis = bundle.load_log_basis()
+
+    def whole(batch: npt.NDArray[np.float32]) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
         outputs = run_onnx(session, batch)
         return outputs[PROBABILITIES], outputs[EMBEDDING]
+
+    def predict(batch: npt.NDArray[np.float32]) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+        """The outputs as the monitor reads them from the log: half precision, log basis."""
+        probabilities, embeddings = whole(batch)
+        if basis is not None:
+            embeddings = basis.project(embeddings)
+        half = np.float16
+        return probabilities.astype(half).astype(np.float32), embeddings.astype(half)
 
     shipped = load_estimator(bundle.path / ESTIMATOR_FILE)
     pixel_max = bundle.manifest.preprocessing.pixel_max
     rows = [condition(predict, shipped, shipped, images, labels, "clean", 0, windows, seed)]
     for name in CORRUPTIONS:
-        unseen = fit_estimator(predict, val.images, val.labels, pixel_max, exclude=name)
+        unseen = fit_estimator(whole, val.images, val.labels, pixel_max, exclude=name, basis=basis)
         for severity in SEVERITIES:
             rows.append(
                 condition(predict, shipped, unseen, images, labels, name, severity, windows, seed)

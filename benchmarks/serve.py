@@ -13,7 +13,9 @@ on the machine hits them alike:
   (c) constant: a bare ASGI app that reads the body and returns a constant, 2 SO_REUSEPORT workers;
   (d) opsloop: `opsloop serve`, 2 workers, metrics and the prediction log on;
   (e) opsloop with shadow: (d), and a second copy of the model runs every request in shadow (off
-      the response path, its answers logged): (e)/(d) is the cost of shadowing.
+      the response path, its answers logged): (e)/(d) is the cost of shadowing;
+  (f) opsloop with fsync: (d) with `OPSLOOP_JOURNAL_FSYNC=true`, every journal record flushed to
+      disk before the answer (power-loss durability): (f)/(d) is its cost.
 
 Results go to benchmarks/results/serve-<shape>.json and, with --write-docs, into docs/serving.md.
 Needs the `train` extra (torch) and wrk (`apt-get install wrk`).
@@ -199,7 +201,12 @@ def make_artifacts(workdir: Path, shape: tuple[int, int, int]) -> Path:
     import torch
 
     from opsloop.bundle import MODEL_FILE
-    from opsloop.export import build_bundle_manifest, export_onnx, finalize_manifest
+    from opsloop.export import (
+        build_bundle_manifest,
+        export_onnx,
+        finalize_manifest,
+        write_reference,
+    )
 
     torch.manual_seed(0)
     pixel_max = 16.0 if shape[1] <= 8 else 255.0
@@ -216,6 +223,10 @@ def make_artifacts(workdir: Path, shape: tuple[int, int, int]) -> Path:
     bundle = workdir / "bundle"
     bundle.mkdir()
     export_onnx(net, shape, bundle / MODEL_FILE)
+    # A reference sample, so the bundle carries the log basis the server logs embeddings in.
+    rng = np.random.default_rng(1)
+    images = (rng.random((500, *shape)) * pixel_max).round().astype(np.uint8)
+    write_reference(bundle / MODEL_FILE, images, rng.integers(0, 10, 500), 500, bundle)
     manifest = build_bundle_manifest(
         hparams,
         model_name="digits",
@@ -341,7 +352,7 @@ def ceiling(bundle: Path, concurrency: int, duration: float) -> Cell:
 def run(shape: tuple[int, int, int], duration: float, workdir: Path) -> list[Cell]:
     bundle = make_artifacts(workdir, shape)
     env = {**os.environ, "BENCH_WORKDIR": str(workdir), "PYTHONPATH": str(REPO)}
-    ports = {name: free_port() for name in ("reference", "constant", "opsloop", "shadow")}
+    ports = {name: free_port() for name in ("reference", "constant", "opsloop", "shadow", "fsync")}
     candidate = workdir / "candidate"
     shutil.copytree(bundle, candidate)
     worker = [sys.executable, str(Path(__file__).resolve()), "--worker"]
@@ -359,6 +370,11 @@ def run(shape: tuple[int, int, int], duration: float, workdir: Path) -> list[Cel
         "OPSLOOP_SHADOW": "true",
         "OPSLOOP_CANDIDATE_BUNDLE_PATH": str(candidate),
     }
+    fsync_env = serve_env | {
+        "OPSLOOP_PORT": str(ports["fsync"]),
+        "OPSLOOP_PREDLOG_URL": f"sqlite:///{workdir / 'fsync-predictions.db'}",
+        "OPSLOOP_JOURNAL_FSYNC": "true",
+    }
     opsloop_serve = [sys.executable, "-c", "from opsloop.cli import main; raise SystemExit(main())"]
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     infer = "/v2/models/digits/infer"
@@ -375,8 +391,9 @@ def run(shape: tuple[int, int, int], duration: float, workdir: Path) -> list[Cel
         ),
         started([[*opsloop_serve, "serve"]], serve_env, urls["opsloop"] + "/v2/health/ready"),
         started([[*opsloop_serve, "serve"]], shadow_env, urls["shadow"] + "/v2/health/ready"),
+        started([[*opsloop_serve, "serve"]], fsync_env, urls["fsync"] + "/v2/health/ready"),
     ):
-        for name in ("reference", "constant", "opsloop", "shadow"):  # warm-up, not measured
+        for name in ports:  # warm-up, not measured
             wrk(urls[name] + infer, script, 8, 2)
         for concurrency in CONCURRENCY:
             for name, label in (
@@ -384,8 +401,9 @@ def run(shape: tuple[int, int, int], duration: float, workdir: Path) -> list[Cel
                 ("constant", "(c) constant answer, bare ASGI, 2 workers"),
                 ("opsloop", "(d) opsloop serve, 2 workers, metrics + log"),
                 ("shadow", "(e) (d) + the candidate in shadow"),
+                ("fsync", "(f) (d) + the journal fsynced per request"),
             ):
-                ours = name in ("opsloop", "shadow")
+                ours = name in ("opsloop", "shadow", "fsync")
                 before = batch_stats(urls[name]) if ours else (0.0, 0.0)
                 rate, p50, p99, errors = wrk(urls[name] + infer, script, concurrency, duration)
                 cell = Cell(label, concurrency, rate, p50, p99, errors)
@@ -457,7 +475,7 @@ def main() -> None:
     if len(shape) != 3 or math.prod(shape) <= 0:
         raise SystemExit("--shape must be CxHxW, e.g. 1x28x28")
     with tempfile.TemporaryDirectory(prefix="opsloop-bench-") as tmp:
-        cells = run(shape, args.duration, Path(tmp))  # type: ignore[arg-type]
+        cells = run(shape, args.duration, Path(tmp))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"serve-{args.shape}.json").write_text(
         json.dumps([asdict(c) for c in cells], indent=2) + "\n"

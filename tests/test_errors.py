@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from opsloop.errors import MissingExtraError, first_line, redact_url
+from opsloop.errors import MissingExtraError, first_line, redact_text, redact_url
 
 
 @pytest.mark.parametrize(
@@ -36,3 +36,21 @@ def test_a_missing_extra_says_what_to_install() -> None:
         "the HTML drift report needs the 'monitor' extra (evidently is not installed); "
         "install it with `pip install 'opsloop[monitor]'`"
     )
+
+
+def test_redact_text_hides_every_password_in_a_message() -> None:
+    message = (
+        "cannot connect to postgresql+psycopg://opsloop:s3cret@db:5432/log (and "
+        "http://u:t0ken@mlflow:5000/api); sqlite:////tmp/x.db is fine, so is https://a.b/c"
+    )
+    shown = redact_text(message)
+    assert "s3cret" not in shown
+    assert "t0ken" not in shown
+    assert "postgresql+psycopg://opsloop:***@db:5432/log" in shown
+    assert "http://u:***@mlflow:5000/api" in shown
+    assert "sqlite:////tmp/x.db is fine, so is https://a.b/c" in shown
+
+
+def test_first_line_hides_url_passwords() -> None:
+    error = ValueError("connection to postgresql://u:hunter2@h/db refused\nmore")
+    assert first_line(error) == "connection to postgresql://u:***@h/db refused"

@@ -26,7 +26,8 @@ def test_creating_the_schema_twice_is_harmless(tmp_path: Path) -> None:
     engine = open_engine(f"sqlite:///{tmp_path / 'sub' / 'log.db'}", create=True)
     ensure_schema(engine)
     ensure_schema(engine)
-    assert inspect(engine).has_table("predictions")
+    assert inspect(engine).has_table("prediction_requests")
+    assert inspect(engine).has_table("prediction_items")
     engine.dispose()
 
 
@@ -41,12 +42,15 @@ def test_a_zero_limit_is_refused(tmp_path: Path) -> None:
         read_predictions(f"sqlite:///{tmp_path / 'log.db'}", limit=0)
 
 
-def test_a_log_written_before_roles_and_labels_existed_is_upgraded(tmp_path: Path) -> None:
-    """The old table (no `role` column, no `feedback` table) gains both, and its rows read back
-    as champion answers without labels."""
+def test_a_log_written_by_opsloop_0_1_is_migrated_once(tmp_path: Path) -> None:
+    """The 0.1 table (one row per example, no `role` column) becomes requests and items; its
+    float32 outputs read back unchanged, and the old table is gone."""
     import sqlite3
 
+    import numpy as np
+
     path = tmp_path / "old.db"
+    probabilities = np.array([[0.25, 0.75], [0.5, 0.5], [1.0, 0.0]], "<f4")
     with sqlite3.connect(path) as connection:
         connection.execute(
             "CREATE TABLE predictions (id INTEGER PRIMARY KEY, request_id VARCHAR(64) NOT NULL, "
@@ -57,19 +61,36 @@ def test_a_log_written_before_roles_and_labels_existed_is_upgraded(tmp_path: Pat
             "embedding BLOB NOT NULL, label INTEGER NOT NULL, confidence FLOAT NOT NULL, "
             "latency_ms FLOAT NOT NULL)"
         )
-        connection.execute(
-            "INSERT INTO predictions VALUES (1, 'r1', 0, 1.0, 'infer', 'digits', '3', ?, "
-            "'uint8', '[1, 2, 2]', ?, ?, 1, 0.9, 2.0)",
-            (bytes(4), bytes(8), bytes(8)),
-        )
+        for row, (request_id, item) in enumerate([("r1", 0), ("r1", 1), ("r2", 0)]):
+            connection.execute(
+                "INSERT INTO predictions VALUES (?, ?, ?, ?, 'infer', 'digits', '3', ?, "
+                "'uint8', '[1, 2, 2]', ?, ?, 1, 0.9, 2.0)",
+                (
+                    row + 1,
+                    request_id,
+                    item,
+                    float(row),
+                    bytes([row] * 4),
+                    probabilities[row].tobytes(),
+                    np.full(3, row, "<f4").tobytes(),
+                ),
+            )
     url = f"sqlite:///{path}"
-    assert read_predictions(url).roles == ["champion"]  # read as-is, before any upgrade
+    with pytest.raises(PredictionLogError, match=r"written by opsloop 0\.1; start `opsloop serve`"):
+        read_predictions(url)
     engine = open_engine(url, create=True)
     ensure_schema(engine)
+    ensure_schema(engine)  # once only
     inspector = inspect(engine)
-    assert "role" in {column["name"] for column in inspector.get_columns("predictions")}
-    assert inspector.has_table("feedback")
+    assert not inspector.has_table("predictions")
     engine.dispose()
     logged = read_predictions(url)
-    assert logged.roles == ["champion"]
-    assert list(logged.true_labels) == [-1]
+    assert logged.request_ids == ["r1", "r1", "r2"]
+    assert logged.items.tolist() == [0, 1, 0]
+    assert logged.roles == ["champion"] * 3
+    np.testing.assert_array_equal(logged.probabilities, probabilities)  # float32 kept
+    np.testing.assert_array_equal(logged.embeddings[:, 0], [0, 1, 2])
+    np.testing.assert_array_equal(logged.inputs[2], np.full((1, 2, 2), 2.0))
+    assert list(logged.true_labels) == [-1, -1, -1]
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT COUNT(*) FROM prediction_requests").fetchone() == (2,)

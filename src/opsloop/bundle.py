@@ -8,6 +8,7 @@ and nothing else; `load_bundle` verifies every checksum before anything uses the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,11 @@ EMBEDDING = "embedding"
 LOGITS = "logits"
 OUTPUT_NAMES = (PROBABILITIES, EMBEDDING, LOGITS)
 ONNX_BATCH = 256
+# The prediction log keeps each embedding as its coordinates on the reference's leading
+# principal components (`LogBasis`, stored in reference.npz): what drift detection uses, in a
+# few bytes instead of the whole vector.
+LOG_BASIS_SIZE = 8
+LOG_BASIS_ARRAYS = ("log_basis_mean", "log_basis", "log_basis_variance")
 
 
 class TensorSpec(BaseModel):
@@ -101,6 +107,50 @@ class BundleManifest(BaseModel):
         return len(self.class_names)
 
 
+@dataclass(frozen=True)
+class LogBasis:
+    """The leading principal components of the reference embeddings, and their variance shares.
+
+    `project` maps embeddings (N, D) to their (N, k) coordinates, k <= `LOG_BASIS_SIZE`; the
+    server logs those, the monitor compares them with the reference's.
+    """
+
+    mean: npt.NDArray[np.float32]  # (D,)
+    components: npt.NDArray[np.float32]  # (k, D), orthonormal rows, largest variance first
+    variance: npt.NDArray[np.float64]  # (k,) each component's share of the total variance
+
+    @classmethod
+    def fit(cls, embeddings: npt.NDArray[Any]) -> LogBasis | None:
+        """PCA of `embeddings`; None when they are already no wider than the basis would be."""
+        if embeddings.ndim != 2 or embeddings.shape[1] <= LOG_BASIS_SIZE:
+            return None
+        data = embeddings.astype(np.float64)
+        mean = data.mean(axis=0)
+        _, singular, vt = np.linalg.svd(data - mean, full_matrices=False)
+        variance = singular**2
+        total = variance.sum()
+        share = variance / total if total > 0 else np.full_like(variance, 1.0 / len(variance))
+        keep = min(LOG_BASIS_SIZE, len(share))
+        return cls(
+            mean=mean.astype(np.float32),
+            components=vt[:keep].astype(np.float32),
+            variance=share[:keep],
+        )
+
+    @property
+    def width(self) -> int:
+        """How many coordinates `project` gives."""
+        return int(self.components.shape[0])
+
+    def project(self, embeddings: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+        """(N, D) embeddings as (N, k) coordinates on the basis."""
+        return np.asarray((embeddings - self.mean) @ self.components.T, dtype=np.float32)
+
+    def arrays(self) -> dict[str, npt.NDArray[Any]]:
+        """For `np.savez`, under `LOG_BASIS_ARRAYS`' names."""
+        return dict(zip(LOG_BASIS_ARRAYS, (self.mean, self.components, self.variance), strict=True))
+
+
 class Bundle:
     """A verified bundle on disk: its manifest and the paths of its files."""
 
@@ -124,6 +174,21 @@ class Bundle:
             )
         with np.load(self.reference_path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
+
+    def load_log_basis(self) -> LogBasis | None:
+        """The embedding basis of the prediction log; None for bundles exported without one."""
+        if REFERENCE_FILE not in self.manifest.files:
+            return None
+        return read_log_basis(self.reference_path)
+
+
+def read_log_basis(reference: Path) -> LogBasis | None:
+    """The `LogBasis` saved in a reference file, if it holds one (only its arrays are read)."""
+    with np.load(reference, allow_pickle=False) as archive:
+        if not all(name in archive.files for name in LOG_BASIS_ARRAYS):
+            return None
+        mean, components, variance = (archive[name] for name in LOG_BASIS_ARRAYS)
+    return LogBasis(mean, components, variance)
 
 
 def load_bundle(path: str | Path) -> Bundle:

@@ -9,6 +9,8 @@ hides the password of a database or server URL before it is shown anywhere.
 
 from __future__ import annotations
 
+import re
+
 
 class OpsloopError(Exception):
     """Base class: a failure the user can understand and fix from its one-line message."""
@@ -74,11 +76,22 @@ class MissingExtraError(OpsloopError):
 
 
 def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message, or its type's name when it has none."""
+    """The first non-empty line of an exception's message (any URL password in it hidden), or
+    its type's name when it has none."""
     for line in str(exc).splitlines():
         if line.strip():
-            return line.strip()
+            return redact_text(line.strip())
     return type(exc).__name__
+
+
+# `scheme://user:password@` anywhere in a text: the password is what goes.
+_CREDENTIALS = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@]*:)[^\s@/]+@")
+
+
+def redact_text(text: str) -> str:
+    """`text` with the password of every URL in it replaced by `***` (for messages that quote a
+    URL among other words: a driver's error, a settings value)."""
+    return _CREDENTIALS.sub(r"\g<head>***@", text)
 
 
 def redact_url(url: str) -> str:

@@ -41,9 +41,11 @@ from opsloop.bundle import (
     REFERENCE_FILE,
     BundleManifest,
     Lineage,
+    LogBasis,
     Preprocessing,
     TensorSpec,
     onnx_session,
+    read_log_basis,
     run_onnx,
 )
 from opsloop.config import DataConfig, OpsloopConfig
@@ -309,7 +311,10 @@ def write_estimator(
         outputs = run_onnx(session, batch)
         return outputs[PROBABILITIES], outputs[EMBEDDING]
 
-    fit_estimator(predict, images, labels, pixel_max, seed=0).save(staging / ESTIMATOR_FILE)
+    # In the log's embedding basis: the monitor hands it embeddings as the log keeps them.
+    basis = read_log_basis(staging / REFERENCE_FILE)
+    estimator = fit_estimator(predict, images, labels, pixel_max, seed=0, basis=basis)
+    estimator.save(staging / ESTIMATOR_FILE)
 
 
 def write_reference(
@@ -328,13 +333,17 @@ def write_reference(
     pick = np.sort(rng.permutation(len(labels))[:size])
     sample = images[pick]
     outputs = run_onnx(onnx_session(model_path), sample)
-    np.savez(
-        staging / REFERENCE_FILE,
-        images=sample,
-        labels=labels[pick],
-        probabilities=outputs["probabilities"],
-        embeddings=outputs["embedding"],
-    )
+    basis = LogBasis.fit(outputs["embedding"])
+    arrays: dict[str, npt.NDArray[Any]] = {
+        "images": sample,
+        "labels": labels[pick],
+        "probabilities": outputs["probabilities"],
+        "embeddings": outputs["embedding"],
+    }
+    if basis is not None:
+        arrays |= basis.arrays()
+    # numpy's stubs cannot tell these names from its `allow_pickle` flag.
+    np.savez(staging / REFERENCE_FILE, **arrays)  # type: ignore[arg-type]
 
 
 def build_bundle_manifest(

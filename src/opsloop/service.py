@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from opsloop.errors import ConfigError
+from opsloop.errors import ConfigError, redact_text
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Hints for the fields every service has; each service adds its own.
@@ -56,7 +56,8 @@ def settings_error(exc: ValidationError, prefix: str, hints: Mapping[str, str]) 
     reason = first["msg"].removeprefix("Value error, ")
     hint = hints.get(name, "fix or unset it")
     value = first.get("input")
-    return ConfigError(f"{prefix}{name.upper()}={value!r} is invalid: {reason}; {hint}")
+    shown = redact_text(repr(value))  # e.g. a database URL with its password
+    return ConfigError(f"{prefix}{name.upper()}={shown} is invalid: {redact_text(reason)}; {hint}")
 
 
 def check_log_level(value: str) -> str:

@@ -34,6 +34,10 @@ class Workspace:
         """The champion's bundle as `opsloop pipeline` materialises it: `<bundle_dir>/<model>`."""
         return self.root / bundle_dir / model_name
 
+    def journal_dir(self, port: int) -> Path:
+        """The prediction journal of the server on `port` (`opsloop.serve.journal`)."""
+        return self.root / ".opsloop" / "journal" / str(port)
+
     @property
     def predictions_url(self) -> str:
         """The embedded prediction log (SQLite) that `opsloop serve` writes by default."""

@@ -108,3 +108,15 @@ def test_the_report_is_json_ready() -> None:
     [version] = document["versions"]
     assert version["accuracy"]["successes"] == 1
     assert document["estimates"] == []
+
+
+def test_a_sampled_window_counts_what_it_stands_for() -> None:
+    import dataclasses
+
+    from opsloop.monitor.quality import assess_quality
+
+    window = logged(["1"] * 4, ["champion"] * 4, [1, 2, 3, 4], [1, 2, 3, NO_LABEL])
+    sampled = dataclasses.replace(window, sample_rates=np.array([0.1, 0.1, 0.5, 1.0]))
+    report = assess_quality(sampled)
+    assert report.window_size == 4
+    assert report.window_served == pytest.approx(10 + 10 + 2 + 1)

@@ -144,3 +144,18 @@ def test_serve_refuses_a_busy_port_with_the_variable_to_fix(
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}" in err
     assert "OPSLOOP_MONITOR_PORT" in err
+
+
+def test_default_sources_follow_the_workspace_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opsloop.monitor.service import resolve_sources
+
+    monkeypatch.setenv("OPSLOOP_WORKSPACE", str(tmp_path))
+    monkeypatch.delenv("OPSLOOP_PREDLOG_URL", raising=False)
+    bundle, url = resolve_sources(None, None)
+    assert bundle == tmp_path / "bundles" / "digits-cnn"  # not relative to the current directory
+    assert url == f"sqlite:///{tmp_path.resolve() / 'predictions.db'}"
+    other = tmp_path / "other"
+    bundle, _ = resolve_sources(None, None, [f"workspace={other}"])
+    assert bundle == other / "bundles" / "digits-cnn"  # an explicit override wins

@@ -122,9 +122,15 @@ def test_log_problems_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(PredictionLogError, match="is invalid"):
         window_from_log("not a url", last=10)
     other = tmp_path / "other.db"
-    sqlite3.connect(other).close()
+    sqlite3.connect(other).execute(
+        "CREATE TABLE prediction_requests (x INTEGER)"
+    ).connection.close()
     with pytest.raises(PredictionLogError, match="cannot read the prediction log"):
         window_from_log(f"sqlite:///{other}", last=10)
+    empty = tmp_path / "empty.db"
+    sqlite3.connect(empty).close()  # no tables yet: nothing was logged
+    with pytest.raises(EmptyWindowError, match="has no predictions"):
+        window_from_log(f"sqlite:///{empty}", last=10)
 
 
 def test_an_empty_log_is_a_clear_error(log_url: str) -> None:

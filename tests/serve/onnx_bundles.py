@@ -18,7 +18,15 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from opsloop.bundle import BUNDLE_JSON, MODEL_FILE, BundleManifest, Preprocessing, TensorSpec
+from opsloop.bundle import (
+    BUNDLE_JSON,
+    MODEL_FILE,
+    REFERENCE_FILE,
+    BundleManifest,
+    LogBasis,
+    Preprocessing,
+    TensorSpec,
+)
 
 EMBEDDING = 16
 
@@ -80,11 +88,16 @@ def write_bundle(
     name: str = "digits",
     item_shape: tuple[int, int, int] = (1, 8, 8),
     pixel_max: float = 16.0,
+    log_basis: bool = False,
 ) -> Path:
-    """Write (or replace) a bundle directory; returns it."""
+    """Write (or replace) a bundle directory; returns it.
+
+    With `log_basis` it carries a reference file holding only the prediction log's embedding
+    basis, fitted on the model's embeddings of random images.
+    """
     channels, height, width = item_shape
     classes = 10
-    model_bytes, _ = build_model(item_shape, classes, seed)
+    model_bytes, weights = build_model(item_shape, classes, seed)
     staging = directory.with_name(f".{directory.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -111,6 +124,13 @@ def write_bundle(
         opsloop_version="test",
         files={MODEL_FILE: hashlib.sha256(model_bytes).hexdigest()},
     )
+    if log_basis:
+        images = np.random.default_rng(seed).random((200, *item_shape)) * pixel_max
+        basis = LogBasis.fit(expected_outputs(weights, images.astype(np.float32))[1])
+        assert basis is not None
+        np.savez(staging / REFERENCE_FILE, **basis.arrays())
+        checksum = hashlib.sha256((staging / REFERENCE_FILE).read_bytes()).hexdigest()
+        manifest.files[REFERENCE_FILE] = checksum
     (staging / BUNDLE_JSON).write_text(manifest.model_dump_json(indent=2))
     # Replace atomically, as `opsloop export` does, so a polling server never sees half a bundle.
     if directory.exists():

@@ -143,7 +143,8 @@ async def test_every_prediction_is_logged_as_the_model_saw_it(
     for item in range(5):
         np.testing.assert_allclose(logged.inputs[item], pixels[item], rtol=1e-6)
     probabilities = np.array(infer.json()["outputs"][0]["data"], np.float32).reshape(5, 10)
-    np.testing.assert_allclose(logged.probabilities[:5], probabilities, rtol=1e-6)
+    # Kept in half precision: three significant digits.
+    np.testing.assert_allclose(logged.probabilities[:5], probabilities, rtol=1e-3, atol=1e-4)
     assert logged.labels[:5].tolist() == infer.json()["outputs"][1]["data"]
     assert logged.embeddings.shape == (6, 16)
     assert (logged.latency_ms > 0).all()
@@ -158,3 +159,54 @@ async def test_the_log_can_be_switched_off(
     async for client in running(app):
         assert (await client.post(INFER, json=infer_body(pixels))).status_code == 200
     assert not (tmp_path / "predictions.db").exists()
+
+
+async def test_embeddings_are_logged_on_the_bundles_log_basis(
+    tmp_path: Path, pixels: npt.NDArray[np.float32]
+) -> None:
+    from opsloop.bundle import load_bundle
+    from tests.serve.onnx_bundles import expected_outputs, weights_of
+
+    bundle = write_bundle(tmp_path / "bundle", version="1", seed=3, log_basis=True)
+    basis = load_bundle(bundle).load_log_basis()
+    assert basis is not None
+    app = create_app(make_settings(tmp_path, bundle))
+    async for client in running(app):
+        assert (await client.post(INFER, json=infer_body(pixels))).status_code == 200
+    logged = read_predictions(f"sqlite:///{tmp_path / 'predictions.db'}")
+    _, embedding = expected_outputs(weights_of(3), pixels)
+    assert logged.embeddings.shape == (len(pixels), basis.width)  # 8 numbers, not 16
+    np.testing.assert_allclose(logged.embeddings, basis.project(embedding), rtol=2e-3, atol=2e-3)
+
+
+async def test_sampling_logs_a_share_and_records_it(
+    tmp_path: Path, tiny_bundle: Path, pixels: npt.NDArray[np.float32]
+) -> None:
+    app = create_app(make_settings(tmp_path, tiny_bundle, predlog_sample=0.25))
+    async for client in running(app):
+        for _ in range(200):
+            assert (await client.post(INFER, json=infer_body(pixels[:1]))).status_code == 200
+        text = (await client.get("/metrics")).text
+    logged = read_predictions(f"sqlite:///{tmp_path / 'predictions.db'}")
+    assert 20 <= len(logged) <= 80  # about a quarter of 200 (binomial: far inside 6 sigma)
+    assert set(logged.sample_rates.tolist()) == {0.25}
+    assert logged.served == pytest.approx(4 * len(logged))
+    assert metric(text, "opsloop_predlog_unsampled_rows_total") == 200 - len(logged)
+
+
+async def test_the_readiness_body_never_shows_a_url_password(tmp_path: Path) -> None:
+    from opsloop.errors import TrackingError
+
+    class Unreachable:
+        def describe(self) -> str:
+            return "registry model digits@champion"
+
+        def locate(self) -> Path:
+            raise TrackingError("cannot reach the registry at postgresql://u:hunter2@db/mlflow")
+
+    app = create_app(make_settings(tmp_path, tmp_path / "unused"), source=Unreachable())
+    async for client in running(app):
+        ready = await client.get("/v2/health/ready")
+        assert ready.status_code == 503
+        assert "postgresql://u:***@db/mlflow" in ready.json()["error"]
+        assert "hunter2" not in ready.text

@@ -21,7 +21,7 @@ from tests.serve.onnx_bundles import expected_outputs, weights_of
 pytestmark = pytest.mark.anyio
 
 
-async def test_infer_returns_probabilities_and_labels(
+async def test_infer_without_outputs_returns_every_output_the_metadata_lists(
     client: httpx.AsyncClient, pixels: npt.NDArray[np.float32]
 ) -> None:
     response = await client.post(INFER, json=infer_body(pixels, id="abc"))
@@ -29,10 +29,19 @@ async def test_infer_returns_probabilities_and_labels(
     assert response.headers["x-model-version"] == "1"
     body = response.json()
     assert (body["model_name"], body["model_version"], body["id"]) == ("digits", "1", "abc")
-    probs, labels = body["outputs"]
-    expected, _ = expected_outputs(weights_of(0), pixels)
+    metadata = (await client.get("/v2/models/digits")).json()
+    assert [o["name"] for o in body["outputs"]] == [o["name"] for o in metadata["outputs"]]
+    probs, labels, embedding = body["outputs"]
+    expected, expected_embedding = expected_outputs(weights_of(0), pixels)
     np.testing.assert_allclose(np.array(probs["data"]).reshape(5, 10), expected, atol=1e-5)
     assert labels["data"] == expected.argmax(axis=1).tolist()
+    assert (embedding["datatype"], embedding["shape"]) == ("FP32", [5, 16])
+    np.testing.assert_allclose(
+        np.array(embedding["data"]).reshape(5, 16), expected_embedding, atol=1e-5
+    )
+    # An empty list asks for the same: all of them.
+    empty = await client.post(INFER, json=infer_body(pixels, outputs=[]))
+    assert [o["name"] for o in empty.json()["outputs"]] == ["probabilities", "label", "embedding"]
 
 
 async def test_infer_on_the_versioned_path_and_with_the_embedding(
@@ -76,10 +85,12 @@ async def test_infer_with_binary_tensors_both_ways(
     sizes = [o["parameters"]["binary_data_size"] for o in described]
     blob = response.content[length:]
     probabilities = np.frombuffer(blob[: sizes[0]], dtype="<f4").reshape(5, 10)
-    labels = np.frombuffer(blob[sizes[0] :], dtype="<i8")
-    expected, _ = expected_outputs(weights_of(0), pixels)
+    labels = np.frombuffer(blob[sizes[0] : sizes[0] + sizes[1]], dtype="<i8")
+    embedding = np.frombuffer(blob[sizes[0] + sizes[1] :], dtype="<f4").reshape(5, 16)
+    expected, expected_embedding = expected_outputs(weights_of(0), pixels)
     np.testing.assert_allclose(probabilities, expected, atol=1e-5)
     np.testing.assert_array_equal(labels, expected.argmax(axis=1))
+    np.testing.assert_allclose(embedding, expected_embedding, atol=1e-5)
 
 
 async def test_only_post_infer_is_answered_here(client: httpx.AsyncClient) -> None:

@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 
 from opsloop.bundle import Preprocessing
-from opsloop.serve import image as image_module
 from opsloop.serve.image import decode_image, decode_predict_request, extract_upload, parse_invert
 from opsloop.serve.protocol import RequestError
 
@@ -90,11 +89,10 @@ def test_bad_uploads_are_rejected_with_a_reason(data: bytes, reason: str, messag
     assert caught.value.reason == reason
 
 
-def test_an_image_over_the_pixel_limit_is_413(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(image_module, "MAX_IMAGE_PIXELS", 100)
-    with pytest.raises(RequestError, match="over the 100 pixel limit") as caught:
-        decode_image(encode(bar()), **DIGITS)
-    assert caught.value.status == 413
+def test_an_image_over_the_pixel_limit_is_413() -> None:
+    with pytest.raises(RequestError, match="200x160 pixels is over the 100 pixel limit") as caught:
+        decode_image(encode(bar()), **DIGITS, max_pixels=100)
+    assert (caught.value.status, caught.value.reason) == (413, "image_too_large")
 
 
 def test_models_with_other_channel_counts_are_pointed_to_infer() -> None:

@@ -9,11 +9,13 @@ import numpy.typing as npt
 import orjson
 import pytest
 
+from opsloop.predictions import MAX_REQUEST_ID
 from opsloop.serve.protocol import (
     InferRequest,
     ModelSignature,
     RequestedOutput,
     RequestError,
+    check_content_type,
     decode_infer_request,
     encode_infer_response,
     encode_predict_response,
@@ -49,7 +51,8 @@ def test_decodes_flat_json_data(pixels: npt.NDArray[np.float32]) -> None:
     assert request.id == "req-1"
     assert request.pixels.dtype == np.float32
     np.testing.assert_array_equal(request.pixels, pixels)
-    assert [o.name for o in request.outputs] == ["probabilities", "label"]
+    # No outputs named: every output the metadata lists, as the protocol (and Triton) does.
+    assert [o.name for o in request.outputs] == ["probabilities", "label", "embedding"]
 
 
 def test_decodes_nested_data_and_other_numeric_types(pixels: npt.NDArray[np.float32]) -> None:
@@ -80,7 +83,7 @@ def test_decodes_the_binary_tensor_extension(pixels: npt.NDArray[np.float32]) ->
 
 def test_generates_a_request_id_when_none_is_given() -> None:
     first, second = decode(body()), decode(body())
-    assert len(first.id) == 32
+    assert len(first.id) == 16  # 96 random bits, URL-safe
     assert first.id != second.id
 
 
@@ -99,7 +102,6 @@ def test_generates_a_request_id_when_none_is_given() -> None:
         (body({"shape": [0, 1, 8, 8], "data": []}), "bad_shape", "N >= 1"),
         (body({"shape": [1.0, 1, 8, 8]}), "bad_shape", "does not match"),
         (body({"shape": "1,1,8,8"}), "bad_shape", "does not match"),
-        (body({"shape": [2000, 1, 8, 8]}), "too_many_rows", "exceeds the limit of 1024"),
         (body({"data": [1.0] * 63}), "data_size_mismatch", "has 63 values but shape"),
         (body({"data": [[1.0] * 64, [1.0]]}), "bad_data", "only numbers"),
         (body({"data": ["a"] * 64}), "bad_data", "only numbers"),
@@ -130,6 +132,52 @@ def test_rejects_bad_requests_with_a_reason(payload: bytes, reason: str, message
         decode(payload)
     assert caught.value.status == 400
     assert caught.value.reason == reason
+
+
+def test_a_batch_over_the_row_limit_is_413() -> None:
+    with pytest.raises(RequestError, match="exceeds the limit of 1024") as caught:
+        decode(body({"shape": [2000, 1, 8, 8]}))
+    assert (caught.value.status, caught.value.reason) == (413, "too_many_rows")
+
+
+@pytest.mark.parametrize(
+    ("outputs", "message"),
+    [
+        ([{"name": ["label"]}], "unknown output \\['label'\\]"),
+        ([{"name": {"a": 1}}], "unknown output"),
+        ([{"name": None}], "unknown output None"),
+        ([{"name": 3}], "unknown output 3"),
+    ],
+)
+def test_an_output_name_that_is_not_a_string_is_400(outputs: Any, message: str) -> None:
+    with pytest.raises(RequestError, match=message) as caught:
+        decode(body(outputs=outputs))
+    assert (caught.value.status, caught.value.reason) == (400, "bad_outputs")
+
+
+def test_request_ids_are_bounded() -> None:
+    assert decode(body(id="x" * MAX_REQUEST_ID)).id == "x" * MAX_REQUEST_ID
+    with pytest.raises(RequestError, match=f"129 characters is over the limit of {MAX_REQUEST_ID}"):
+        decode(body(id="x" * (MAX_REQUEST_ID + 1)))
+    assert decode(body(id="")).id  # empty: the server makes one
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "application/json", "application/json; charset=utf-8", "Application/JSON",
+     "application/octet-stream"],
+)  # fmt: skip
+def test_infer_accepts_json_binary_or_no_content_type(content_type: str | None) -> None:
+    check_content_type(content_type)
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", ""],
+)
+def test_infer_refuses_other_content_types_with_415(content_type: str) -> None:
+    with pytest.raises(RequestError, match="send application/json or application/octet-stream"):
+        check_content_type(content_type)
 
 
 def test_rejects_nan_in_binary_data() -> None:
@@ -192,7 +240,8 @@ def test_encodes_json_outputs_with_label_as_argmax(pixels: npt.NDArray[np.float3
     assert response["model_name"] == "digits"
     assert response["model_version"] == "3"
     assert response["id"] == "r"
-    probs, label = response["outputs"]
+    probs, label, embedding_output = response["outputs"]
+    assert embedding_output["shape"] == [5, 16]
     assert (probs["name"], probs["datatype"], probs["shape"]) == ("probabilities", "FP32", [5, 10])
     # orjson writes float32's shortest repr, which reads back to exactly the same float32.
     np.testing.assert_array_equal(np.float32(probs["data"]), probabilities.ravel())

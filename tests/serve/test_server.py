@@ -35,7 +35,8 @@ def test_export_settings_lets_workers_read_the_same_settings(tmp_path: Path) -> 
     assert os.environ["OPSLOOP_ACCESS_LOG"] == "true"
     assert os.environ["OPSLOOP_ADMIN_TOKEN"] == "t0ken"
     assert "OPSLOOP_PREDLOG_URL" not in os.environ  # None: unset, so the default applies
-    assert get_settings() == settings
+    # The same settings, except that the workers leave ingesting to the ingester process.
+    assert get_settings() == settings.model_copy(update={"ingest_in_process": False})
 
 
 def test_metrics_dir_is_fresh_and_named_in_the_environment(
@@ -52,7 +53,24 @@ def test_metrics_dir_is_fresh_and_named_in_the_environment(
     temporary = server.prepare_metrics_dir(load_settings())
     assert temporary.is_dir()
     assert temporary.parent == tmp_path
+    assert temporary.name.startswith(f"opsloop-metrics-{os.getpid()}-")
     assert os.environ[MULTIPROC_ENV] == str(temporary)
+
+
+def test_metrics_dirs_of_dead_servers_are_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server.tempfile, "tempdir", str(tmp_path))
+    dead_pid = 2**22 + 12345  # above the kernel's pid_max default: no such process
+    stale = tmp_path / f"opsloop-metrics-{dead_pid}-abc"
+    live = tmp_path / f"opsloop-metrics-{os.getpid()}-def"
+    unrelated = tmp_path / "opsloop-metrics-xyz"  # not named by a server of this version
+    for directory in (stale, live, unrelated):
+        directory.mkdir()
+    server.remove_stale_metrics_dirs()
+    assert not stale.exists()
+    assert live.exists()
+    assert unrelated.exists()
 
 
 def test_workers_can_share_a_port() -> None:
@@ -83,27 +101,39 @@ def test_preflight_creates_the_log_table_before_workers_start(
     assert (tmp_path / "log" / "p.db").exists()
 
 
-def test_a_worker_dying_at_start_up_stops_the_server() -> None:
-    class Dead:
-        exitcode = 3
-        pid = None
+class Dead:
+    """A process that has exited, as `multiprocessing` shows one."""
 
-    now = server.time.monotonic()
+    def __init__(self, exitcode: int) -> None:
+        self.exitcode = exitcode
+        self.pid = None
+
+
+def test_a_worker_dying_at_start_up_stops_the_server() -> None:
+    worker = server.Child(Dead(3), server.time.monotonic())  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="worker 0 exited with code 3 right after starting"):
-        server.restart_if_dead(None, 0, Dead(), now)  # type: ignore[arg-type]
+        server.restart_if_dead(None, 0, worker)
 
 
 def test_a_worker_that_dies_later_is_restarted(monkeypatch: pytest.MonkeyPatch) -> None:
-    class Dead:
-        exitcode = -9
-        pid = None
-
     started: list[int] = []
-    monkeypatch.setattr(
-        server, "start_worker", lambda _context, index: (started.append(index), 0.0)
-    )
-    server.restart_if_dead(None, 1, Dead(), -1000.0)  # type: ignore[arg-type]
+    monkeypatch.setattr(server, "start_worker", lambda _context, index: started.append(index))
+    server.restart_if_dead(None, 1, server.Child(Dead(-9), -1000.0))  # type: ignore[arg-type]
     assert started == [1]
+
+
+def test_a_dead_ingester_is_always_restarted(monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[str] = []
+
+    def start_child(_context: object, _target: object, name: str) -> server.Child:
+        started.append(name)
+        return server.Child(Dead(0), 0.0)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(server, "start_child", start_child)
+    monkeypatch.setattr(server.time, "sleep", lambda _s: None)
+    just_now = server.Child(Dead(-9), server.time.monotonic())  # type: ignore[arg-type]
+    server.restart_ingester_if_dead(None, just_now)  # even right after starting: no give-up
+    assert started == ["opsloop-ingest"]
 
 
 def free_port() -> int:

@@ -105,3 +105,11 @@ def test_serve_refuses_a_port_in_use(
         code = main(["serve", "--bundle", str(tiny_bundle), "--port", str(port)])
     assert code == 2
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_a_rejected_url_setting_never_shows_its_password() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(predlog_url="postgresql://opsloop:hunter2@db:notaport/log")
+    assert "OPSLOOP_PREDLOG_URL=" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+    assert "opsloop:***@db" in str(caught.value)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from opsloop.bundle import LOG_BASIS_ARRAYS, LogBasis
 from opsloop.errors import MonitorError
 from opsloop.monitor.features import image_statistics
 
@@ -145,6 +146,9 @@ class AccuracyEstimator:
     trees: TreeEnsemble
     windows: int  # synthetic windows it was fitted on
     window_size: int
+    # The bundle's log basis: the statistics are of embeddings as the log keeps them, and
+    # whole embeddings are projected onto it first. None: whole embeddings throughout.
+    basis: LogBasis | None = None
 
     def estimate(
         self,
@@ -152,15 +156,31 @@ class AccuracyEstimator:
         probabilities: npt.NDArray[Any],
         embeddings: npt.NDArray[Any],
     ) -> float:
-        features = window_features(self.stats, images, probabilities, embeddings)
+        """The estimated accuracy of one window: embeddings whole or as logged."""
+        features = window_features(self.stats, images, probabilities, self.as_logged(embeddings))
         return float(np.clip(self.trees.predict(features), 0.0, 1.0))
+
+    @property
+    def embedding_width(self) -> int:
+        """The width of embeddings as this estimator's statistics hold them."""
+        return len(self.stats.embedding_mean)
+
+    def as_logged(self, embeddings: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """Whole embeddings projected onto the log basis; logged coordinates as they are."""
+        if self.basis is not None and embeddings.shape[1] == len(self.basis.mean):
+            return self.basis.project(embeddings)
+        if embeddings.shape[1] != self.embedding_width:
+            raise MonitorError(
+                f"embeddings of width {embeddings.shape[1]} do not fit this estimator (width "
+                f"{self.embedding_width}): they come from another model"
+            )
+        return embeddings
 
     def save(self, path: Path) -> None:
         """As one `.npz` of plain arrays (loaded without unpickling anything)."""
         stats, trees = self.stats, self.trees
-        np.savez(
-            path,
-            scalars=np.array(
+        arrays: dict[str, npt.NDArray[Any]] = {
+            "scalars": np.array(
                 [
                     stats.pixel_max,
                     stats.atc_threshold,
@@ -171,18 +191,22 @@ class AccuracyEstimator:
                 ],
                 dtype=np.float64,
             ),
-            class_frequencies=stats.class_frequencies,
-            embedding_mean=stats.embedding_mean,
-            embedding_std=stats.embedding_std,
-            input_mean=stats.input_mean,
-            input_std=stats.input_std,
-            roots=trees.roots,
-            feature=trees.feature,
-            threshold=trees.threshold,
-            left=trees.left,
-            right=trees.right,
-            value=trees.value,
-        )
+            "class_frequencies": stats.class_frequencies,
+            "embedding_mean": stats.embedding_mean,
+            "embedding_std": stats.embedding_std,
+            "input_mean": stats.input_mean,
+            "input_std": stats.input_std,
+            "roots": trees.roots,
+            "feature": trees.feature,
+            "threshold": trees.threshold,
+            "left": trees.left,
+            "right": trees.right,
+            "value": trees.value,
+        }
+        if self.basis is not None:
+            arrays |= self.basis.arrays()
+        # numpy's stubs cannot tell these names from its `allow_pickle` flag.
+        np.savez(path, **arrays)  # type: ignore[arg-type]
 
 
 def load_estimator(path: Path) -> AccuracyEstimator:
@@ -214,7 +238,10 @@ def load_estimator(path: Path) -> AccuracyEstimator:
         raise MonitorError(
             f"{path} is not an accuracy estimator ({exc}); re-export the bundle"
         ) from exc
-    return AccuracyEstimator(stats, trees, int(windows), int(size))
+    basis = None
+    if all(name in arrays for name in LOG_BASIS_ARRAYS):
+        basis = LogBasis(*(arrays[name] for name in LOG_BASIS_ARRAYS))
+    return AccuracyEstimator(stats, trees, int(windows), int(size), basis)
 
 
 # --- fitting, at export time (needs the `train` extra: scikit-learn) ---------------------------
@@ -273,6 +300,7 @@ def fit_estimator(
     window: int = 200,
     seed: int = 0,
     exclude: str | None = None,
+    basis: LogBasis | None = None,
 ) -> AccuracyEstimator:
     """Fit the estimator of the model behind `predict` on its labelled validation `images`.
 
@@ -280,6 +308,13 @@ def fit_estimator(
     how the estimate does on a kind of shift it never saw).
     """
     from sklearn.ensemble import GradientBoostingRegressor
+
+    if basis is not None:  # fitted on embeddings as the log keeps them
+        whole = predict
+
+        def predict(batch: npt.NDArray[np.float32]) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+            probabilities, embeddings = whole(batch)
+            return probabilities, basis.project(embeddings)
 
     probabilities, embeddings = predict(images.astype(np.float32))
     stats = ReferenceStats.fit(images, probabilities, embeddings, labels, pixel_max)
@@ -291,7 +326,7 @@ def fit_estimator(
     ).fit(x, y)
     trees = _flatten(model, x.shape[1])
     logger.info("fitted the accuracy estimator on %d synthetic windows of %d", len(y), window)
-    return AccuracyEstimator(stats, trees, len(y), min(window, len(images)))
+    return AccuracyEstimator(stats, trees, len(y), min(window, len(images)), basis)
 
 
 def _flatten(model: Any, n_features: int) -> TreeEnsemble:

@@ -7,12 +7,14 @@ detection). Pure numpy: computed the same way for the reference sample and every
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from opsloop.bundle import LogBasis
 from opsloop.errors import MonitorError
 
 FloatArray = npt.NDArray[np.float64]
@@ -124,31 +126,56 @@ def softmax_features(probabilities: npt.NDArray[Any]) -> tuple[FloatArray, list[
 
 @dataclass(frozen=True)
 class Projection:
-    """A PCA basis fitted on the reference embeddings; live embeddings are projected onto it."""
+    """The reference embeddings' leading principal components that the drift tests compare.
+
+    Built from the bundle's `LogBasis` (the basis the prediction log stores embeddings in), so
+    `transform` takes either whole embeddings (N, D) or logged coordinates (N, basis width).
+    """
 
     mean: FloatArray
     components: FloatArray  # (k, D)
     explained: FloatArray  # variance share of each kept component
+    logged_width: int = 0  # the width of logged coordinates (0: the log keeps whole embeddings)
 
     @classmethod
-    def fit(cls, embeddings: npt.NDArray[Any]) -> Projection:
+    def from_basis(cls, basis: LogBasis) -> Projection:
         """Keep the leading components up to `PCA_VARIANCE` of the variance, at most a few.
 
         Few components keep the multiple-testing family small (power) while still covering
         most of what the embedding varies in.
         """
-        data = embeddings.astype(np.float64)
-        mean = data.mean(axis=0)
-        _, singular, vt = np.linalg.svd(data - mean, full_matrices=False)
-        variance = singular**2
-        share = variance / variance.sum() if variance.sum() > 0 else np.ones_like(variance)
-        keep = int(np.searchsorted(np.cumsum(share), PCA_VARIANCE) + 1)
-        keep = max(1, min(keep, MAX_PCA_COMPONENTS, len(share)))
-        return cls(mean=mean, components=vt[:keep], explained=share[:keep])
+        keep = int(np.searchsorted(np.cumsum(basis.variance), PCA_VARIANCE) + 1)
+        keep = max(1, min(keep, MAX_PCA_COMPONENTS, basis.width))
+        return cls(
+            mean=basis.mean.astype(np.float64),
+            components=basis.components[:keep].astype(np.float64),
+            explained=basis.variance[:keep],
+            logged_width=basis.width,
+        )
+
+    @classmethod
+    def fit(cls, embeddings: npt.NDArray[Any]) -> Projection:
+        """From the reference embeddings themselves (a bundle exported without a log basis)."""
+        basis = LogBasis.fit(embeddings)
+        if basis is None:  # already narrow: every dimension is a component
+            width = embeddings.shape[1]
+            return cls(
+                mean=embeddings.astype(np.float64).mean(axis=0),
+                components=np.eye(width),
+                explained=np.full(width, 1.0 / width),
+            )
+        return dataclasses.replace(cls.from_basis(basis), logged_width=0)
 
     def transform(self, embeddings: npt.NDArray[Any]) -> FloatArray:
-        """Project (N, D) embeddings onto the kept components: (N, k)."""
+        """Embeddings (N, D), or their logged coordinates (N, basis width), as (N, k)."""
+        width = embeddings.shape[1] if embeddings.ndim == 2 else 0
+        if self.logged_width and width == self.logged_width != len(self.mean):
+            return np.asarray(embeddings[:, : len(self.components)], dtype=np.float64)
         return np.asarray((embeddings.astype(np.float64) - self.mean) @ self.components.T)
+
+    def accepts(self, width: int) -> bool:
+        """Whether `transform` takes embeddings of this width."""
+        return width in (len(self.mean), self.logged_width)
 
     @property
     def names(self) -> list[str]:

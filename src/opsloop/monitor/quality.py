@@ -207,6 +207,9 @@ class QualityReport:
     comparisons: list[Comparison]
     estimates: list[Estimate]
     checked_at: float
+    # The served predictions the window stands for: more than `window_size` when the server
+    # logs only a sample of its requests (each row counts 1/sample_rate).
+    window_served: float = 0.0
 
     def version(self, model_version: str, role: str = CHAMPION_ROLE) -> VersionQuality | None:
         """The quality of one version in one role, if the window holds it."""
@@ -242,6 +245,15 @@ def assess_quality(
             ],
             dtype=bool,
         )
+        # The estimator reads embeddings as the log keeps them for its own bundle: rows of
+        # another width (NaN when read back) come from another model.
+        widths = {estimator.embedding_width}
+        if estimator.basis is not None:
+            widths.add(len(estimator.basis.mean))
+        if logged.embeddings.ndim == 2 and logged.embeddings.shape[1] in widths:
+            rows &= np.isfinite(logged.embeddings).all(axis=1)
+        else:
+            rows[:] = False
         shapes = {logged.inputs[i].shape for i in np.flatnonzero(rows)}
         if rows.sum() >= min_samples and len(shapes) == 1:
             own = logged.where(rows)
@@ -253,6 +265,7 @@ def assess_quality(
         comparisons=compare_challengers(versions),
         estimates=estimates,
         checked_at=time.time(),
+        window_served=logged.served,
     )
 
 

@@ -239,15 +239,26 @@ def _check_shapes(reference: ReferenceData, current: Window) -> None:
             f"window images are shaped {current.images.shape[1:]} but the reference's are "
             f"{reference.images.shape[1:]}: the window belongs to another model"
         )
-    for name, ref, cur in (
-        ("probabilities", reference.probabilities, current.probabilities),
-        ("embeddings", reference.embeddings, current.embeddings),
+    probabilities, embeddings = current.probabilities, current.embeddings
+    expected = reference.probabilities.shape[1]
+    if probabilities.ndim != 2 or len(probabilities) != len(current):
+        raise MonitorError(f"window probabilities are shaped {probabilities.shape}: not a matrix")
+    if probabilities.shape[1] != expected:
+        raise MonitorError(
+            f"window probabilities are shaped {probabilities.shape}, expected ({len(current)}, "
+            f"{expected}): the window belongs to another model"
+        )
+    # Whole embeddings, or their coordinates on the bundle's log basis as the log keeps them.
+    if (
+        embeddings.ndim != 2
+        or len(embeddings) != len(current)
+        or not reference.projection.accepts(embeddings.shape[1])
     ):
-        if cur.ndim != 2 or len(cur) != len(current) or cur.shape[1] != ref.shape[1]:
-            raise MonitorError(
-                f"window {name} are shaped {cur.shape}, expected ({len(current)}, "
-                f"{ref.shape[1]}): the window belongs to another model"
-            )
+        widths = sorted({len(reference.projection.mean), reference.projection.logged_width} - {0})
+        raise MonitorError(
+            f"window embeddings are shaped {embeddings.shape}, expected ({len(current)}, "
+            f"{' or '.join(map(str, widths))}): the window belongs to another model"
+        )
 
 
 def _version_summary(reference: ReferenceData, current: Window) -> tuple[dict[str, int], list[str]]:

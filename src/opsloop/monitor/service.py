@@ -11,6 +11,7 @@ health on `/metrics` and `/drift`, and tries again at the next interval.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import threading
 import time
@@ -281,8 +282,6 @@ def make_watch(settings: MonitorSettings) -> RollbackWatch | None:
     """The rollback watch of `watch_model` in the workspace's registry, when one is named."""
     if settings.watch_model is None:
         return None
-    import os
-
     from opsloop.config import LoggerConfig
     from opsloop.tracking import resolve_tracking_uri
 
@@ -308,13 +307,16 @@ def resolve_sources(
     """
     if bundle is None:
         from opsloop.config import load_config
+        from opsloop.predictions import WORKSPACE_ENV
         from opsloop.workspace import Workspace
 
         cfg = load_config(overrides)
         registry = cfg.registry
-        bundle = Workspace(Path(cfg.workspace)).served_bundle(
-            registry.bundle_dir, registry.model_name
-        )
+        # The same workspace as the log's default and the rollback watch's: OPSLOOP_WORKSPACE,
+        # unless a `workspace=` override names another.
+        explicit = any(override.startswith("workspace=") for override in overrides)
+        root = cfg.workspace if explicit else os.environ.get(WORKSPACE_ENV) or cfg.workspace
+        bundle = Workspace(Path(root)).served_bundle(registry.bundle_dir, registry.model_name)
     return bundle, predlog_url or default_log_url()
 
 

@@ -17,7 +17,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from opsloop.bundle import EMBEDDING, PROBABILITIES, Bundle, load_bundle, onnx_session, run_onnx
+from opsloop.bundle import (
+    EMBEDDING,
+    PROBABILITIES,
+    Bundle,
+    LogBasis,
+    load_bundle,
+    onnx_session,
+    run_onnx,
+)
 from opsloop.errors import EmptyWindowError, MonitorError, redact_url
 from opsloop.monitor.features import (
     FloatArray,
@@ -56,15 +64,20 @@ class ReferenceData:
         pixel_max: float,
         model_version: str | None = None,
         source: str = "arrays",
+        basis: LogBasis | None = None,
     ) -> ReferenceData:
-        """Check the arrays agree in length and precompute every feature."""
+        """Check the arrays agree in length and precompute every feature.
+
+        `basis` is the bundle's log basis (the projection then also takes logged coordinates);
+        without one the projection is fitted here, the same way.
+        """
         count = len(images)
         if count == 0 or len(probabilities) != count or len(embeddings) != count:
             raise MonitorError(
                 f"reference {source} is empty or inconsistent: {len(images)} images, "
                 f"{len(probabilities)} probabilities, {len(embeddings)} embeddings; re-export it"
             )
-        projection = Projection.fit(embeddings)
+        projection = Projection.fit(embeddings) if basis is None else Projection.from_basis(basis)
         softmax, names = softmax_features(probabilities)
         return cls(
             images=images,
@@ -101,6 +114,7 @@ def load_reference(bundle: Bundle | str | Path) -> ReferenceData:
         pixel_max=loaded.manifest.preprocessing.pixel_max,
         model_version=loaded.manifest.model_version,
         source=str(loaded.path),
+        basis=loaded.load_log_basis(),
     )
 
 
@@ -155,6 +169,9 @@ def window_from_log(url: str, *, last: int | None = None, since: float | None = 
             f"the prediction log {redact_url(url)} has no predictions{where}; send traffic to "
             "`opsloop serve` or widen the window"
         )
+    # Rows whose embedding has another width than the newest (another model's log basis) read
+    # back as NaN; they belong to a model this window does not judge.
+    logged = logged.where(np.asarray(np.isfinite(logged.embeddings).all(axis=1)))
     shapes = {item.shape for item in logged.inputs}
     if len(shapes) != 1:
         raise MonitorError(

@@ -2,7 +2,8 @@
 
 The routes are in `routes`, the hot infer path in `fastpath` (in front of FastAPI's routing),
 request counting in `middleware`, the shared state in `state`, the `/docs` additions in `openapi`.
-Here: the lifespan (the bundle is loaded there), the error handlers and the middleware order.
+Here: the lifespan (the bundle is loaded there), the error handlers and the middleware order
+(with `cors` for browser pages of other origins when `OPSLOOP_CORS_ORIGINS` lists them).
 Bad input is a 4xx (or 503 while no model is loaded) with `{"error": "..."}`, never a 500.
 """
 
@@ -19,6 +20,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from opsloop import __version__
+from opsloop.serve.cors import add_cors
 from opsloop.serve.fastpath import InferFastPath
 from opsloop.serve.middleware import CLIENT_GONE, UNMATCHED, CountRequests, RecordStatus
 from opsloop.serve.openapi import install_openapi
@@ -69,7 +71,9 @@ def create_app(
     app.add_middleware(RecordStatus)
     app.add_middleware(InferFastPath, state=state)
     app.add_middleware(CountRequests, metrics=state.metrics)
-    install_openapi(app)
+    # Outermost, and only with an allowlist: preflights are answered before anything counts them.
+    add_cors(app, settings.cors_origin_list)
+    install_openapi(app, lambda: state.manager.current.signature if state.manager.current else None)
     return app
 
 

@@ -15,10 +15,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from opsloop.predictions import CHAMPION_ROLE
 from opsloop.serve.batching import BatcherClosedError
+from opsloop.serve.cors import check_origin
 from opsloop.serve.middleware import CLIENT_GONE, ENDPOINT_KEY, STATUS_KEY
 from opsloop.serve.protocol import (
     HEADER_LENGTH,
     RequestError,
+    check_content_type,
     decode_infer_request,
     encode_infer_response,
     error_body,
@@ -51,6 +53,7 @@ class InferFastPath:
         self.state = state
         self.metrics = state.metrics
         self.settings = state.settings
+        self.cors_origins = state.settings.cors_origin_list
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -71,6 +74,9 @@ class InferFastPath:
             name, version = parse_infer_path(path)
             self.state.served(name, version)  # 503/404 before reading a body for nothing
             headers = header_map(scope)
+            check_content_type(headers.get("content-type"))
+            if "origin" in headers:  # browsers only: refuse another site's page posting here
+                check_origin(headers["origin"], headers.get("host"), self.cors_origins)
             body = await read_body(receive, headers.get("content-length"), self.settings)
             served = self.state.served(name, version)
             # From here to queuing on the batcher nothing awaits: the model cannot change under us.

@@ -21,7 +21,13 @@ from sqlalchemy import Engine, insert
 from sqlalchemy.exc import SQLAlchemyError
 
 from opsloop.errors import ConfigError, OpsloopError, first_line, redact_url
-from opsloop.predictions import MAX_REQUEST_ID, ensure_schema, feedback, open_engine
+from opsloop.predictions import (
+    MAX_REQUEST_ID,
+    EngineOptions,
+    ensure_schema,
+    feedback,
+    open_engine,
+)
 from opsloop.serve.protocol import RequestError
 
 logger = logging.getLogger(__name__)
@@ -100,14 +106,15 @@ def class_index(value: Any, class_names: Sequence[str], where: str) -> int:
 class FeedbackStore:
     """Appends labels to the `feedback` table of the prediction log's database."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, engine_options: EngineOptions | None = None) -> None:
         self.url = url
+        self.engine_options = engine_options
         self._engine: Engine | None = None
 
     def start(self) -> None:
         """Open the database and make sure the table exists (the log's writer does too)."""
         try:
-            self._engine = open_engine(self.url, create=True)
+            self._engine = open_engine(self.url, create=True, options=self.engine_options)
             ensure_schema(self._engine)
         except (SQLAlchemyError, OSError, OpsloopError) as exc:
             raise ConfigError(

@@ -15,7 +15,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
-from opsloop.errors import OpsloopError
+from opsloop.errors import OpsloopError, redact_text
 from opsloop.serve.batching import MicroBatcher
 from opsloop.serve.metrics import ServeMetrics
 from opsloop.serve.protocol import ModelSignature
@@ -80,9 +80,11 @@ class ModelManager:
         try:
             await self.reload(force=True)
         except OpsloopError as exc:
-            logger.error("no model loaded from %s: %s", self.source.describe(), exc)
+            logger.error(
+                "no model loaded from %s: %s", self.source.describe(), redact_text(str(exc))
+            )
         except Exception as exc:  # the server stays up (not ready) and the poller keeps trying
-            self.last_error = f"{type(exc).__name__}: {exc}"
+            self.last_error = redact_text(f"{type(exc).__name__}: {exc}")  # shown by /ready
             logger.exception("no model loaded from %s", self.source.describe())
         if poll_seconds > 0:
             self._poller = asyncio.create_task(self._poll(poll_seconds), name="model-poller")
@@ -93,7 +95,7 @@ class ModelManager:
             try:
                 return await self._reload(force)
             except OpsloopError as exc:
-                self.last_error = str(exc)
+                self.last_error = redact_text(str(exc))  # shown by /v2/health/ready
                 self.metrics.reloads.labels("failed").inc()
                 raise
 

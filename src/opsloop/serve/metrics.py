@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -23,6 +23,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+if TYPE_CHECKING:
+    from opsloop.serve.ingest import Housekeeping
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -37,6 +40,14 @@ def multiprocess_dir() -> str | None:
 
 class ServeMetrics:
     """Every metric the server exports, registered in a private registry per app."""
+
+    def record_housekeeping(self, done: Housekeeping) -> None:
+        """The ingester's latest measure of the log, and what retention deleted."""
+        self.predlog_size_rows.set(done.rows)
+        self.predlog_size_bytes.set(done.bytes)
+        self.journal_backlog_bytes.set(done.backlog_bytes)
+        if done.deleted_rows:
+            self.predlog_deleted_rows.inc(done.deleted_rows)
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -83,7 +94,34 @@ class ServeMetrics:
         self.predlog_rows = counter("opsloop_predlog_rows", "Rows written to the prediction log")
         self.predlog_dropped_rows = counter(
             "opsloop_predlog_dropped_rows",
-            "Rows the prediction log gave up on: its buffer overflowed while the database was away",
+            "Rows the prediction log gave up on: the journal was full while the database was away",
+        )
+        self.predlog_unsampled_rows = counter(
+            "opsloop_predlog_unsampled_rows",
+            "Answered rows left out of the log by sampling (OPSLOOP_PREDLOG_SAMPLE)",
+        )
+        # Written by the ingester process (the most recent value wins across processes).
+        self.predlog_size_rows = Gauge(
+            "opsloop_predlog_size_rows",
+            "Examples in the prediction log's table",
+            multiprocess_mode="mostrecent",
+            registry=self.registry,
+        )
+        self.predlog_size_bytes = Gauge(
+            "opsloop_predlog_size_bytes",
+            "Bytes the prediction log's database takes (its tables, with indexes)",
+            multiprocess_mode="mostrecent",
+            registry=self.registry,
+        )
+        self.journal_backlog_bytes = Gauge(
+            "opsloop_journal_backlog_bytes",
+            "Journal bytes written by the workers but not yet in the database",
+            multiprocess_mode="mostrecent",
+            registry=self.registry,
+        )
+        self.predlog_deleted_rows = counter(
+            "opsloop_predlog_deleted_rows",
+            "Examples deleted from the log by retention (OPSLOOP_PREDLOG_RETENTION_*)",
         )
         self.candidate_info = Gauge(
             "opsloop_candidate_info",

@@ -16,8 +16,10 @@ from opsloop.serve.metrics import ServeMetrics
 # Scope keys, set by the app that answers the request and read by `CountRequests` when it is done.
 ENDPOINT_KEY = "opsloop.endpoint"  # the metrics label, for a request no FastAPI route answers
 STATUS_KEY = "opsloop.status"  # the status answered; absent when an exception escaped (a 500)
+TIMED_OUT_KEY = "opsloop.timed_out"  # set by `limits` when it closed a request's slow body
 UNMATCHED = "unmatched"  # the label of a request no route matched
 CLIENT_GONE = 499  # nginx's convention for "the client closed the connection", for metrics only
+BODY_TIMEOUT = 408  # counted instead of CLIENT_GONE when the server closed a too-slow body
 
 
 class CountRequests:
@@ -25,7 +27,8 @@ class CountRequests:
 
     The endpoint is `scope[ENDPOINT_KEY]` when the app that answered set one, else the matched
     FastAPI route's template (e.g. `/v2/models/{model_name}`), else `unmatched`. The status is
-    `scope[STATUS_KEY]`, or 500 when nothing recorded one because an exception escaped.
+    `scope[STATUS_KEY]`, or 500 when nothing recorded one because an exception escaped; a
+    client that "left" because the server closed its too-slow body (`limits`) counts as 408.
     """
 
     def __init__(self, app: ASGIApp, metrics: ServeMetrics) -> None:
@@ -43,9 +46,10 @@ class CountRequests:
             endpoint = scope.get(ENDPOINT_KEY)
             if endpoint is None:
                 endpoint = getattr(scope.get("route"), "path", None) or UNMATCHED
-            self.metrics.observe_request(
-                endpoint, scope.get(STATUS_KEY, 500), time.perf_counter() - started
-            )
+            status = scope.get(STATUS_KEY, 500)
+            if status == CLIENT_GONE and TIMED_OUT_KEY in scope:
+                status = BODY_TIMEOUT
+            self.metrics.observe_request(endpoint, status, time.perf_counter() - started)
 
 
 class RecordStatus:

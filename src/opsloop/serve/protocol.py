@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-import uuid
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +24,7 @@ import orjson
 from opsloop import __version__
 from opsloop.bundle import EMBEDDING, PROBABILITIES
 from opsloop.errors import OpsloopError
+from opsloop.predictions import MAX_REQUEST_ID
 
 SERVER_NAME = "opsloop"
 # The tensor datatypes the protocol names, and the numpy types they arrive as.
@@ -42,10 +43,16 @@ DATATYPES: dict[str, np.dtype[Any]] = {
 }
 # The model's own outputs keep their graph names; `label` is the argmax, added by the server.
 LABEL_OUTPUT = "label"
-# What an infer call can return; a request that names no outputs gets the first two.
+# What an infer call can return; a request that names no outputs gets all of them, as the
+# protocol says (and Triton does): every output the model metadata lists.
 OUTPUT_DATATYPES = {PROBABILITIES: "FP32", LABEL_OUTPUT: "INT64", EMBEDDING: "FP32"}
-DEFAULT_OUTPUTS = (PROBABILITIES, LABEL_OUTPUT)
+DEFAULT_OUTPUTS = tuple(OUTPUT_DATATYPES)
 HEADER_LENGTH = "inference-header-content-length"
+# The body types infer takes: JSON, or the binary tensor extension's JSON header + raw bytes.
+# Triton's Python client sends no content type at all, so a missing one is JSON (or binary
+# when Inference-Header-Content-Length says so); anything else, such as the text/plain and
+# form types a web page can post cross-origin without a preflight, is refused.
+INFER_MEDIA_TYPES = ("application/json", "application/octet-stream")
 NON_FINITE_LITERAL = re.compile(rb"\b(NaN|-?Infinity)\b")
 
 
@@ -109,14 +116,48 @@ def decode_infer_request(
     pixels = decode_input_tensor(tensor, signature, binary, max_rows)
     binary_default = bool(_parameters(request).get("binary_data_output", False))
     outputs = decode_requested_outputs(request.get("outputs"), binary_default)
-    request_id = request.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise RequestError("'id' must be a string", reason="bad_id")
-    return InferRequest(id=request_id or new_request_id(), pixels=pixels, outputs=outputs)
+    return InferRequest(
+        id=decode_request_id(request.get("id")) or new_request_id(),
+        pixels=pixels,
+        outputs=outputs,
+    )
+
+
+def decode_request_id(request_id: object) -> str | None:
+    """The client's `id`: a string of at most MAX_REQUEST_ID characters (it joins labels)."""
+    if request_id is None:
+        return None
+    if not isinstance(request_id, str):
+        raise RequestError(f"'id' must be a string, not {request_id!r:.40}", reason="bad_id")
+    if len(request_id) > MAX_REQUEST_ID:
+        raise RequestError(
+            f"'id' of {len(request_id)} characters is over the limit of {MAX_REQUEST_ID}; "
+            "send a shorter id",
+            reason="bad_id",
+        )
+    return request_id
+
+
+def check_content_type(
+    content_type: str | None, accepted: tuple[str, ...] = INFER_MEDIA_TYPES
+) -> None:
+    """415 unless the body is one of `accepted` (infer's by default); none counts as JSON."""
+    if content_type is None:
+        return
+    media = content_type.partition(";")[0].strip().lower()
+    if media not in accepted:
+        raise RequestError(
+            f"unsupported content type {media or content_type!r}; send "
+            f"{' or '.join(accepted)} (curl: -H 'Content-Type: application/json')",
+            status=415,
+            reason="unsupported_media_type",
+        )
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    """96 random bits as 16 URL-safe characters: unique in practice, and half the bytes of a
+    UUID's hex in every logged request and its index."""
+    return secrets.token_urlsafe(12)
 
 
 def split_binary_body(body: bytes, header_length: int | None) -> tuple[bytes, bytes]:
@@ -218,7 +259,9 @@ def decode_shape(shape: object, signature: ModelSignature, max_rows: int) -> tup
         )
     if shape[0] > max_rows:
         raise RequestError(
-            f"input batch of {shape[0]} examples exceeds the limit of {max_rows}; split it",
+            f"input batch of {shape[0]} examples exceeds the limit of {max_rows} "
+            "(OPSLOOP_MAX_REQUEST_ROWS); split it",
+            status=413,
             reason="too_many_rows",
         )
     return tuple(shape)
@@ -263,8 +306,11 @@ def decode_binary_data(
 
 
 def decode_requested_outputs(outputs: object, binary_default: bool) -> tuple[RequestedOutput, ...]:
-    """Which outputs to return and in which encoding; every name must be one the server offers."""
-    if outputs is None:
+    """Which outputs to return and in which encoding; every name must be one the server offers.
+
+    None (or an empty list) asks for every output, as the protocol says.
+    """
+    if outputs is None or outputs == []:
         return tuple(RequestedOutput(name, binary_default) for name in DEFAULT_OUTPUTS)
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise RequestError(
@@ -273,9 +319,10 @@ def decode_requested_outputs(outputs: object, binary_default: bool) -> tuple[Req
     requested = []
     for output in outputs:
         name = output.get("name")
-        if name not in OUTPUT_DATATYPES:
+        # Checked as a string first: a list or an object cannot even be looked up in a dict.
+        if not isinstance(name, str) or name not in OUTPUT_DATATYPES:
             raise RequestError(
-                f"unknown output {name!r}; choose from {', '.join(OUTPUT_DATATYPES)}",
+                f"unknown output {name!r:.60}; choose from {', '.join(OUTPUT_DATATYPES)}",
                 reason="bad_outputs",
             )
         binary = bool(_parameters(output).get("binary_data", binary_default))

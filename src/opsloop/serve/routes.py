@@ -13,21 +13,25 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
+import numpy as np
+import numpy.typing as npt
 import orjson
 from fastapi import APIRouter, Depends, Request
 from pydantic import SecretStr
-from starlette.responses import Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from opsloop.errors import OpsloopError
 from opsloop.predictions import CHAMPION_ROLE
 from opsloop.serve import schemas
+from opsloop.serve.cors import check_origin
 from opsloop.serve.fastpath import ROLE_HEADER, VERSION_HEADER, read_body
 from opsloop.serve.feedback import parse_labels
-from opsloop.serve.image import decode_predict_request, parse_invert
+from opsloop.serve.image import Invert, decode_predict_request_async, parse_invert
 from opsloop.serve.manager import ServedModel
 from opsloop.serve.openapi import FEEDBACK_BODY, PREDICT_BODY
 from opsloop.serve.protocol import (
     RequestError,
+    check_content_type,
     encode_predict_response,
     model_metadata,
     new_request_id,
@@ -37,10 +41,12 @@ from opsloop.serve.settings import ServeSettings
 from opsloop.serve.state import AppState, get_state
 
 
-class JSONBytes(Response):
-    """A JSON response rendered with orjson."""
+class JSONBytes(JSONResponse):
+    """A JSON response rendered with orjson.
 
-    media_type = "application/json"
+    A JSONResponse subclass, so the OpenAPI document shows each route's `response_model` as
+    its body; the routes return ready-made responses, so no model validates them at run time.
+    """
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
@@ -49,9 +55,16 @@ class JSONBytes(Response):
 # Every route that needs the state takes it as this; tests swap `get_state` in dependency_overrides.
 StateDep = Annotated[AppState, Depends(get_state)]
 Route = Callable[..., Awaitable[Response]]
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": schemas.ErrorResponse} for code in (400, 404, 413, 415, 503)
-}
+FEEDBACK_MEDIA_TYPES = ("application/json",)
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI entries of the error statuses a route really answers: `{"error": "..."}`."""
+    return {code: {"model": schemas.ErrorResponse} for code in codes}
+
+
+# The model routes: 404 for another model or version, 503 while none is loaded.
+MODEL_ERRORS = errors(404, 503)
 
 router = APIRouter(default_response_class=JSONBytes)
 
@@ -62,7 +75,12 @@ async def live() -> Response:
     return JSONBytes({"live": True})
 
 
-@router.get("/v2/health/ready", response_model=schemas.Readiness, tags=["health"])
+@router.get(
+    "/v2/health/ready",
+    response_model=schemas.Readiness,
+    responses={503: {"model": schemas.Readiness, "description": "No model is loaded yet"}},
+    tags=["health"],
+)
 async def ready(state: StateDep) -> Response:
     """A model is loaded and serving (503 until then)."""
     if state.manager.current is None:
@@ -89,7 +107,7 @@ def model_route(suffix: str, response_model: type[Any], tag: str) -> Callable[[R
             router.get(
                 prefix + suffix,
                 response_model=response_model,
-                responses=ERROR_RESPONSES,
+                responses=MODEL_ERRORS,
                 tags=[tag],
             )(endpoint)
         return endpoint
@@ -116,7 +134,7 @@ async def model_ready(
 @router.post(
     "/predict",
     response_model=schemas.PredictResponse,
-    responses=ERROR_RESPONSES,
+    responses=errors(400, 403, 413, 415, 503),
     openapi_extra=PREDICT_BODY,
     tags=["inference"],
 )
@@ -127,14 +145,11 @@ async def predict(state: StateDep, request: Request, invert: str = "auto") -> Re
     """
     started = time.perf_counter()
     choice = parse_invert(invert)
+    check_cross_origin(request, state.settings)
     state.served()  # 503 before reading a body for nothing
     body = await read_body(request.receive, request.headers.get("content-length"), state.settings)
-    served = state.served()
-    pixels = decode_predict_request(
-        body,
-        request.headers.get("content-type", ""),
-        served.model.bundle.manifest.preprocessing,
-        choice,
+    served, pixels = await decode_upload(
+        state, body, request.headers.get("content-type", ""), choice
     )
     request_id = new_request_id()
     served, role = state.route(served, request_id)
@@ -154,10 +169,27 @@ async def predict(state: StateDep, request: Request, invert: str = "auto") -> Re
     )
 
 
+async def decode_upload(
+    state: AppState, body: bytes, content_type: str, invert: Invert
+) -> tuple[ServedModel, npt.NDArray[np.float32]]:
+    """The upload as the current model's input, decoded off the event loop (a large image takes
+    CPU-seconds that other requests must not wait for). A model swapped in meanwhile answers,
+    after a second decode if its preprocessing differs: the old one's batcher may be closed."""
+    while True:
+        served = state.served()
+        preprocessing = served.model.bundle.manifest.preprocessing
+        pixels = await decode_predict_request_async(
+            body, content_type, preprocessing, invert, state.settings.max_image_pixels
+        )
+        current = state.served()
+        if current.model.bundle.manifest.preprocessing == preprocessing:
+            return current, pixels
+
+
 @router.post(
     "/feedback",
     response_model=schemas.FeedbackResponse,
-    responses={code: {"model": schemas.ErrorResponse} for code in (401, 403, 413, 422, 503)},
+    responses=errors(400, 401, 403, 413, 415, 422, 503),
     openapi_extra=FEEDBACK_BODY,
     tags=["ground truth"],
 )
@@ -169,6 +201,8 @@ async def post_feedback(state: StateDep, request: Request) -> Response:
     to join your labelling system's records), or `request_id` of `/predict`; `item` is the
     example's row in that request. Posting a label again replaces it (the change is kept).
     """
+    check_content_type(request.headers.get("content-type"), FEEDBACK_MEDIA_TYPES)
+    check_cross_origin(request, state.settings)
     if state.settings.feedback_token is not None:
         check_bearer(
             state.settings.feedback_token,
@@ -192,7 +226,12 @@ async def post_feedback(state: StateDep, request: Request) -> Response:
     return JSONBytes({"accepted": len(labels)})
 
 
-@router.get("/metrics", tags=["monitoring"], response_class=Response)
+@router.get(
+    "/metrics",
+    tags=["monitoring"],
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
 async def metrics(state: StateDep) -> Response:
     """Prometheus metrics (all workers' in multiprocess mode)."""
     content, media_type = state.metrics.render()
@@ -202,7 +241,7 @@ async def metrics(state: StateDep) -> Response:
 @router.post(
     "/admin/reload",
     response_model=schemas.ReloadResponse,
-    responses={401: {"model": schemas.ErrorResponse}, 403: {"model": schemas.ErrorResponse}},
+    responses=errors(401, 403, 409, 503),
     tags=["admin"],
 )
 async def admin_reload(state: StateDep, request: Request) -> Response:
@@ -230,6 +269,13 @@ async def admin_reload(state: StateDep, request: Request) -> Response:
         },
         headers=version_header(served),
     )
+
+
+def check_cross_origin(request: Request, settings: ServeSettings) -> None:
+    """403 for a browser page of another origin posting here (see `opsloop.serve.cors`)."""
+    origin = request.headers.get("origin")
+    if origin is not None:
+        check_origin(origin, request.headers.get("host"), settings.cors_origin_list)
 
 
 def version_header(served: ServedModel, role: str = CHAMPION_ROLE) -> dict[str, str]:

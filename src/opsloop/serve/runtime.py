@@ -51,6 +51,12 @@ class OnnxModel:
             embedding_size=manifest.outputs[EMBEDDING].shape[-1],
         )
         self._feed_name = manifest.input.name
+        # Embeddings are logged as coordinates on this basis (a few numbers, not the vector).
+        self.log_basis = bundle.load_log_basis()
+
+    def loggable_embedding(self, embedding: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """What the prediction log keeps of an embedding: its log-basis coordinates."""
+        return embedding if self.log_basis is None else self.log_basis.project(embedding)
 
     @property
     def version(self) -> str:

@@ -36,11 +36,16 @@ class InferRequest(BaseModel):
 
     model_config = ConfigDict(json_schema_extra={"title": "InferRequest"})
 
-    id: str | None = None
-    parameters: dict[str, Any] | None = None
+    id: str | None = Field(
+        None,
+        max_length=128,
+        description="Your id for the request (at most 128 characters), echoed in the response "
+        "and used to join labels posted to /feedback; the server makes one when it is absent",
+    )
+    parameters: dict[str, Any] | None = Field(None, examples=[{"binary_data_output": True}])
     inputs: list[InferInputTensor]
     outputs: list[InferRequestedOutput] | None = Field(
-        None, description="Defaults to probabilities and label"
+        None, description="Absent (or empty): every output, probabilities, label and embedding"
     )
 
 
@@ -48,8 +53,14 @@ class InferOutputTensor(BaseModel):
     name: str = Field(examples=["label"])
     shape: list[int] = Field(examples=[[1]])
     datatype: str = Field(examples=["INT64"])
-    data: list[Any] | None = Field(None, examples=[[3]])
-    parameters: dict[str, Any] | None = None
+    data: list[float] | None = Field(
+        None, examples=[[3]], description="Row-major values; absent for a binary output"
+    )
+    parameters: dict[str, Any] | None = Field(
+        None,
+        examples=[{"binary_data_size": 40}],
+        description="For a binary output: its byte count in the binary part of the body",
+    )
 
 
 class InferResponse(BaseModel):
@@ -57,7 +68,12 @@ class InferResponse(BaseModel):
 
     model_name: str = Field(examples=["digits"])
     model_version: str = Field(examples=["3"])
-    id: str
+    id: str = Field(description="The request's `id`, or the one the server made for it")
+    parameters: dict[str, Any] | None = Field(
+        None,
+        examples=[{"role": "canary"}],
+        description="Only on an answer by the candidate model: its role",
+    )
     outputs: list[InferOutputTensor]
 
 
@@ -65,6 +81,7 @@ class PredictResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
     request_id: str
+    role: str = Field(examples=["champion"], description="champion, or canary for the candidate")
     model_name: str = Field(examples=["digits"])
     model_version: str = Field(examples=["3"])
     label: int = Field(examples=[3])
@@ -99,8 +116,9 @@ class Liveness(BaseModel):
 
 
 class Readiness(BaseModel):
+    name: str | None = Field(None, description="The model, on a model's readiness")
     ready: bool
-    error: str | None = None
+    error: str | None = Field(None, description="Why not, while no model is loaded")
 
 
 class ReloadResponse(BaseModel):

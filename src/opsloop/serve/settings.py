@@ -9,8 +9,9 @@ variable and how to fix it.
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 
@@ -19,7 +20,11 @@ from opsloop.predictions import EngineOptions
 from opsloop.service import COMMON_HINTS, ServiceSettings, settings_config, settings_error
 from opsloop.workspace import Workspace
 
+if TYPE_CHECKING:
+    from opsloop.serve.ingest import Retention
+
 ENV_PREFIX = "OPSLOOP_"
+ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s?#]+")
 
 # What to tell the user when a variable is rejected, beyond pydantic's own reason.
 HINTS = COMMON_HINTS | {
@@ -29,13 +34,22 @@ HINTS = COMMON_HINTS | {
     "max_payload_bytes": "use a byte count of at least 1024",
     "max_request_rows": "use 1 or more rows per request",
     "predlog_url": f"use a SQLAlchemy URL such as sqlite:///predictions.db, or '{PREDLOG_OFF}'",
-    "predlog_max_buffered_rows": "use 1 or more rows (kept in memory while the database is away)",
+    "journal_max_bytes": "use a byte count of at least 1048576 (1 MiB)",
+    "journal_dir": "use a writable directory (each server needs its own)",
+    "predlog_sample": "use a share of requests above 0 and at most 1 (1 logs every request)",
+    "predlog_retention_hours": "use a positive number of hours, or leave it unset to keep all",
+    "predlog_max_rows": "use 1 or more rows, or leave it unset to keep all",
     "predlog_pool_size": "use 1 or more connections per worker process",
     "predlog_pool_timeout_s": "use a positive number of seconds",
     "predlog_connect_timeout_s": "use a positive number of seconds (PostgreSQL rounds up to 2)",
     "reload_poll_seconds": "use 0 (never poll) or a positive number of seconds",
     "canary_fraction": "use a fraction of requests from 0 (off) to 1",
     "shadow_max_pending_rows": "use 1 or more rows",
+    "max_header_bytes": "use a byte count of at least 1024 (all request headers together)",
+    "header_timeout_s": "use a positive number of seconds",
+    "body_timeout_s": "use a positive number of seconds",
+    "max_image_pixels": "use 1 or more pixels (width x height of a /predict upload)",
+    "cors_origins": "use comma-separated origins such as https://app.example.com, or '*'",
 }
 
 
@@ -59,9 +73,24 @@ class ServeSettings(ServiceSettings):
     predlog_url: str | None = None
     predlog_batch_rows: int = Field(512, ge=1)
     predlog_flush_ms: float = Field(200, gt=0)
-    # While the database is away, rows wait in memory (retried with back-off); beyond this many
-    # the oldest are dropped and counted in opsloop_predlog_dropped_rows_total.
-    predlog_max_buffered_rows: int = Field(100_000, ge=1)
+    # Every prediction is first appended to its worker's journal file (before the answer is
+    # sent), then moved into the log by the ingester. None puts the journal in
+    # <workspace>/.opsloop/journal/<port>. `journal_fsync` also survives a power loss (a disk
+    # flush per request); without it the page cache survives any process being killed.
+    journal_dir: Path | None = None
+    journal_fsync: bool = False
+    # While the database is away the journal grows on disk; beyond this many bytes new
+    # predictions are dropped and counted in opsloop_predlog_dropped_rows_total.
+    journal_max_bytes: int = Field(1024**3, ge=1024 * 1024)
+    # Log only this share of requests (picked at random; each logged row records the share so
+    # counts can be scaled back), and keep rows for at most this many hours and/or at most this
+    # many examples, the oldest going first. None keeps everything.
+    predlog_sample: float = Field(1.0, gt=0, le=1)
+    predlog_retention_hours: float | None = Field(None, gt=0)
+    predlog_max_rows: int | None = Field(None, ge=1)
+    # Whether this process runs the ingester as a thread; `opsloop serve` runs one ingester
+    # process for all its workers instead and sets this to false for them.
+    ingest_in_process: bool = True
     # A server database's (PostgreSQL's) connections per worker process, and how long to wait
     # for a free one and for the server to accept a new one. SQLite ignores them.
     predlog_pool_size: int = Field(2, ge=1)
@@ -90,6 +119,32 @@ class ServeSettings(ServiceSettings):
     reload_poll_seconds: float = Field(5.0, ge=0)
     # Prometheus multiprocess directory for several workers; None picks a fresh temporary one.
     metrics_dir: Path | None = None
+    # --- Limits on hostile or broken clients (docs/serving.md, "Limits") ----------------------
+    # Request headers over max_header_bytes are answered 431; headers not complete within
+    # header_timeout_s of the connection (or of the request's first byte) and bodies not
+    # complete within body_timeout_s of their headers are answered 408. Either way the
+    # connection is closed. Enforced by `opsloop serve` (its uvicorn protocol, `serve.limits`).
+    max_header_bytes: int = Field(32 * 1024, ge=1024)
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(30.0, gt=0)
+    # /predict refuses (413) an image of more pixels, checked from its header before decoding.
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    # Browser pages on other origins allowed to call the API (comma-separated origins, or "*").
+    # Empty: no CORS headers, so browsers refuse cross-origin calls, and a POST that carries a
+    # foreign Origin header is refused (403) since form and blob posts need no preflight.
+    cors_origins: str = ""
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: str) -> str:
+        for origin in split_origins(value):
+            if origin != "*" and not ORIGIN.fullmatch(origin):
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], no path)")
+        return value
+
+    @property
+    def cors_origin_list(self) -> tuple[str, ...]:
+        return split_origins(self.cors_origins)
 
     @field_validator("predlog_url")
     @classmethod
@@ -117,6 +172,19 @@ class ServeSettings(ServiceSettings):
             connect_timeout_s=self.predlog_connect_timeout_s,
         )
 
+    def predlog_retention(self) -> Retention:
+        """The log's retention rules (`predlog_retention_hours`, `predlog_max_rows`)."""
+        from opsloop.serve.ingest import Retention
+
+        hours = self.predlog_retention_hours
+        return Retention(None if hours is None else hours * 3600.0, self.predlog_max_rows)
+
+    def resolved_journal_dir(self) -> Path:
+        """The journal directory, defaulting to one per port inside the workspace."""
+        if self.journal_dir is not None:
+            return self.journal_dir
+        return Workspace(self.workspace).journal_dir(self.port)
+
     def resolved_predlog_url(self) -> str:
         """The prediction-log URL, defaulting to SQLite beside the workspace's other stores."""
         if self.predlog_url is not None:
@@ -132,6 +200,11 @@ class ServeSettings(ServiceSettings):
         if self.bundle_path is not None:
             return f"bundle {self.bundle_path}"
         return f"registry model {self.model_name}@{self.model_alias}"
+
+
+def split_origins(value: str) -> tuple[str, ...]:
+    """`OPSLOOP_CORS_ORIGINS` as origins, without blanks or a trailing slash."""
+    return tuple(o.strip().rstrip("/") for o in value.split(",") if o.strip())
 
 
 def load_settings(**overrides: Any) -> ServeSettings:

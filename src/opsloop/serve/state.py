@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -123,8 +124,14 @@ class AppState:
         started: float,
         role: str = CHAMPION_ROLE,
     ) -> None:
-        """Queue an answered prediction for the log and count it in the metrics (no I/O here)."""
+        """Journal an answered prediction (one `write`) and count it in the metrics."""
         probabilities, embedding = outputs
+        self.metrics.observe_predictions(probabilities, served.signature.class_names)
+        self.metrics.routed.labels(role).inc()
+        rate = self.settings.predlog_sample
+        if rate < 1.0 and random.random() >= rate:  # sampled out: not logged, not shadowed
+            self.metrics.predlog_unsampled_rows.inc(len(pixels))
+            return
         self.predlog.append(
             LogRecord(
                 request_id=request_id,
@@ -134,13 +141,12 @@ class AppState:
                 model_version=served.signature.version,
                 inputs=pixels,
                 probabilities=probabilities,
-                embedding=embedding,
+                embedding=served.model.loggable_embedding(embedding),
                 latency_ms=(time.perf_counter() - started) * 1000.0,
                 role=role,
+                sample_rate=rate,
             )
         )
-        self.metrics.observe_predictions(probabilities, served.signature.class_names)
-        self.metrics.routed.labels(role).inc()
         if role == CHAMPION_ROLE and self.settings.shadow:
             self.shadow(request_id, endpoint, pixels)
 
@@ -191,9 +197,10 @@ class AppState:
                 model_version=candidate.signature.version,
                 inputs=pixels,
                 probabilities=probabilities,
-                embedding=embedding,
+                embedding=candidate.model.loggable_embedding(embedding),
                 latency_ms=(time.perf_counter() - started) * 1000.0,
                 role=SHADOW_ROLE,
+                sample_rate=self.settings.predlog_sample,
             )
         )
         self.metrics.shadow_rows.labels("logged").inc(len(pixels))
@@ -220,20 +227,10 @@ def build_state(
         limits=BatchingLimits(settings.max_batch_size, settings.max_batch_wait_ms / 1000.0),
     )
     predlog = (
-        PredictionLog(
-            settings.resolved_predlog_url(),
-            batch_rows=settings.predlog_batch_rows,
-            flush_interval_s=settings.predlog_flush_ms / 1000.0,
-            on_written=metrics.predlog_rows.inc,
-            on_dropped=metrics.predlog_dropped_rows.inc,
-            max_buffered_rows=settings.predlog_max_buffered_rows,
-            engine_options=settings.predlog_engine_options(),
-        )
-        if settings.predlog_enabled
-        else NullPredictionLog()
+        prediction_log_of(settings, metrics) if settings.predlog_enabled else NullPredictionLog()
     )
     feedback = (
-        FeedbackStore(settings.resolved_predlog_url())
+        FeedbackStore(settings.resolved_predlog_url(), settings.predlog_engine_options())
         if settings.predlog_enabled
         else NullFeedbackStore()
     )
@@ -245,6 +242,24 @@ def build_state(
         executor,
         feedback=feedback,
         candidate=candidate_manager(settings, executor, metrics, candidate),
+    )
+
+
+def prediction_log_of(settings: ServeSettings, metrics: ServeMetrics) -> PredictionLog:
+    """The process's log: its journal, and the ingester thread unless a supervisor runs one."""
+    return PredictionLog(
+        settings.resolved_predlog_url(),
+        journal_dir=settings.resolved_journal_dir(),
+        ingest_in_process=settings.ingest_in_process,
+        fsync=settings.journal_fsync,
+        max_journal_bytes=settings.journal_max_bytes,
+        batch_rows=settings.predlog_batch_rows,
+        flush_interval_s=settings.predlog_flush_ms / 1000.0,
+        on_written=metrics.predlog_rows.inc,
+        on_dropped=metrics.predlog_dropped_rows.inc,
+        engine_options=settings.predlog_engine_options(),
+        retention=settings.predlog_retention(),
+        on_housekeeping=metrics.record_housekeeping,
     )
 
 

@@ -1,0 +1,202 @@
+"""Where a serving worker's time goes under load: py-spy samples of one `opsloop serve` worker.
+
+`opsloop serve` (2 workers, metrics and the prediction log on, the digits bundle) is loaded by
+wrk at concurrency 32 while py-spy samples one worker's Python stacks (including idle time and
+native frames). Each sample is charged to the first category its stack matches, leaf first:
+
+    uv run --no-sync python benchmarks/profile_serve.py [--duration 10] [--write-docs]
+
+Needs the `train` extra (to build the bundle), wrk and py-spy (a dev dependency; sampling another
+process needs ptrace rights: root, or CAP_SYS_PTRACE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from serve import free_port, make_artifacts, started, wrk  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results" / "serve-profile.json"
+DOCS = REPO / "docs" / "serving.md"
+START_MARK = "<!-- benchmark:profile:start -->"
+END_MARK = "<!-- benchmark:profile:end -->"
+CONCURRENCY = 32
+# (category, pattern matched against one frame "function (file)"), checked leaf first: the
+# first frame that matches any pattern decides the sample's category.
+CATEGORIES = (
+    ("ONNX Runtime (the model)", r"\brun \(.*onnxruntime"),
+    ("prediction journal (write)", r"\(.*opsloop/serve/journal\.py"),
+    ("metrics (prometheus_client)", r"\(.*prometheus_client/"),
+    ("request decode (JSON -> tensor)", r"decode_infer_request|parse_json_object|decode_input"),
+    ("response encode (tensor -> JSON)", r"encode_infer_response|output_tensors"),
+    ("micro-batcher hand-off", r"\(.*opsloop/serve/batching\.py|run_in_executor"),
+    ("opsloop request path (other)", r"\(.*opsloop/serve/"),
+    ("HTTP parsing and sockets (uvicorn)", r"\(.*uvicorn/|httptools"),
+    ("event loop (asyncio, idle included)", r"\(.*asyncio/|select|epoll"),
+)
+
+
+def worker_pids(server_pid: int) -> list[int]:
+    """The supervisor's children that serve (they hold the listening port)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == server_pid and b"spawn" in cmdline:
+                children.append(int(entry.name))
+    return sorted(children)
+
+
+def categorise(raw: Path) -> tuple[dict[str, float], int]:
+    """Share of samples per category from py-spy's raw (collapsed stacks) output."""
+    counts: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        total += int(count)
+        counts[category_of(frames)] += int(count)
+    return {name: counts[name] / total for name, _ in (*CATEGORIES, ("other", ""))}, total
+
+
+def category_of(frames: list[str]) -> str:
+    for frame in reversed(frames):  # leaf first
+        for name, pattern in CATEGORIES:
+            if re.search(pattern, frame):
+                return name
+    return "other"
+
+
+def run(duration: float, workdir: Path) -> dict[str, object]:
+    bundle = make_artifacts(workdir, (1, 8, 8))
+    port = free_port()
+    env = {
+        **os.environ,
+        "OPSLOOP_BUNDLE_PATH": str(bundle),
+        "OPSLOOP_PORT": str(port),
+        "OPSLOOP_WORKERS": "2",
+        "OPSLOOP_WORKSPACE": str(workdir),
+        "OPSLOOP_PREDLOG_URL": f"sqlite:///{workdir / 'predictions.db'}",
+        "OPSLOOP_LOG_LEVEL": "warning",
+    }
+    url = f"http://127.0.0.1:{port}"
+    serve = [sys.executable, "-c", "from opsloop.cli import main; raise SystemExit(main())"]
+    script = workdir / "post.lua"
+    infer = url + "/v2/models/digits/infer"
+    raw = workdir / "profile.txt"
+    with started([[*serve, "serve"]], env, url + "/v2/health/ready"):
+        wrk(infer, script, 8, 2)  # warm-up
+        target = worker_pids(server_pid(port))[0]
+        sampler = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("py-spy")),
+                "record",
+                "--pid",
+                str(target),
+                "--duration",
+                str(int(duration)),
+                "--rate",
+                "250",
+                "--idle",
+                "--nonblocking",
+                "--format",
+                "raw",
+                "--output",
+                str(raw),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        time.sleep(0.5)
+        rate, _p50, p99, errors = wrk(infer, script, CONCURRENCY, duration)
+        _, stderr = sampler.communicate(timeout=duration + 60)
+        if sampler.returncode != 0 or not raw.exists():
+            raise SystemExit(f"py-spy failed: {stderr.decode(errors='replace')[-500:]}")
+    shares, samples = categorise(raw)
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "concurrency": CONCURRENCY,
+        "requests_per_s": rate,
+        "p99_ms": p99,
+        "errors": errors,
+        "samples": samples,
+        "shares": shares,
+    }
+
+
+def server_pid(port: int) -> int:
+    """The `opsloop serve` supervisor this process started on `port` (found in /proc)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ours = int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid()
+        if ours and f"OPSLOOP_PORT={port}".encode() in environ:
+            return int(entry.name)
+    raise SystemExit(f"no opsloop serve on port {port} among this process's children")
+
+
+def table(result: dict[str, object]) -> str:
+    shares = result["shares"]
+    assert isinstance(shares, dict)
+    lines = [
+        f"One worker of `opsloop serve` (2 workers, metrics and the log on) sampled by py-spy "
+        f"at 250 Hz while wrk loads the server at concurrency {result['concurrency']} "
+        f"({result['requests_per_s']:,.0f} req/s, p99 {result['p99_ms']:.1f} ms), measured "
+        f"{result['date']}; {result['samples']} samples, idle time included:",
+        "",
+        "| where the worker's time goes | share |",
+        "|---|---:|",
+    ]
+    for name, share in sorted(shares.items(), key=lambda item: -item[1]):
+        lines.append(f"| {name} | {share:.0%} |")
+    return "\n".join(lines)
+
+
+def write_docs(text: str) -> None:
+    docs = DOCS.read_text()
+    pattern = re.compile(re.escape(START_MARK) + ".*?" + re.escape(END_MARK), re.S)
+    if not pattern.search(docs):
+        raise SystemExit(f"{DOCS} has no {START_MARK} ... {END_MARK} block to fill")
+    DOCS.write_text(pattern.sub(lambda _: f"{START_MARK}\n{text}\n{END_MARK}", docs))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--write-docs", action="store_true")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="opsloop-profile-") as scratch:
+        result = run(args.duration, Path(scratch))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    text = table(result)
+    print(text)
+    if args.write_docs:
+        write_docs(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""The prediction journal: each serving process appends every prediction to its own file first.
+
+A request's record is written — one `write(2)` of a length-prefixed, checksummed frame — before
+its response is sent. Once `write` returns, the bytes are in the operating system's page cache,
+which outlives the process: a SIGKILL of the worker (or of every process at once) loses no
+acknowledged prediction. `fsync=True` also survives a power loss, at the cost of a disk flush per
+request (`benchmarks/serve.py` measures it). The ingester (`opsloop.serve.ingest`) moves the
+records into the SQL log and deletes what it committed, so the worker never builds a SQL row.
+
+Layout: a directory of segments `<writer>.<seq>.journal`, where `<writer>` is unique to one
+process lifetime. A writer holds an exclusive `flock` on its open segment; a segment nobody holds
+is sealed (its writer moved on to the next one, exited, or was killed), which is how the ingester
+knows it may delete a segment once it has committed all of it. Records:
+
+    frame   = u32 payload length | u32 crc32(payload) | payload            (little-endian)
+    payload = u16 header length | header (JSON) | inputs | probabilities | embedding
+
+The header names the request and each array's dtype and shape; arrays are raw little-endian
+bytes, read back with `np.frombuffer`, so nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import re
+import socket
+import struct
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+from opsloop.errors import ConfigError
+from opsloop.predictions import CHAMPION_ROLE
+
+logger = logging.getLogger(__name__)
+
+FRAME = struct.Struct("<II")  # payload length, crc32
+HEADER_LENGTH = struct.Struct("<H")
+SUFFIX = ".journal"
+SEGMENT_NAME = re.compile(r"^(?P<writer>[A-Za-z0-9_.-]+)\.(?P<seq>\d{8})\.journal$")
+# A frame longer than this is corruption, not a record (a request is capped far below it).
+MAX_PAYLOAD = 256 * 1024 * 1024
+DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_BYTES = 1024 * 1024 * 1024
+# While over `max_bytes`, how often a writer looks again whether the ingester made room.
+SPACE_RECHECK_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class LogRecord:
+    """One request's predictions, as the worker answered them."""
+
+    request_id: str
+    created_at: float
+    endpoint: str
+    model_name: str
+    model_version: str
+    inputs: npt.NDArray[np.float32]
+    probabilities: npt.NDArray[np.float32]
+    embedding: npt.NDArray[np.float32]
+    latency_ms: float
+    role: str = CHAMPION_ROLE  # champion, canary (answered by the challenger) or shadow
+    sample_rate: float = 1.0  # the share of requests being logged (OPSLOOP_PREDLOG_SAMPLE)
+
+
+def encode_record(record: LogRecord) -> bytes:
+    """One frame: what `decode_frames` reads back into an equal record."""
+    arrays = (record.inputs, record.probabilities, record.embedding)
+    header = orjson.dumps(
+        {
+            "r": record.request_id,
+            "t": record.created_at,
+            "e": record.endpoint,
+            "n": record.model_name,
+            "v": record.model_version,
+            "l": record.latency_ms,
+            "o": record.role,
+            "s": record.sample_rate,
+            "a": [[array.dtype.str, array.shape] for array in arrays],
+        }
+    )
+    payload = b"".join(
+        (HEADER_LENGTH.pack(len(header)), header, *(np.ascontiguousarray(a).data for a in arrays))
+    )
+    return FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def decode_payload(payload: bytes) -> LogRecord:
+    """The record in one frame's payload (checked by the caller's checksum)."""
+    (header_length,) = HEADER_LENGTH.unpack_from(payload)
+    start = HEADER_LENGTH.size
+    header: dict[str, Any] = orjson.loads(payload[start : start + header_length])
+    offset = start + header_length
+    arrays: list[npt.NDArray[Any]] = []
+    for dtype_text, shape in header["a"]:
+        dtype = np.dtype(dtype_text)
+        count = int(np.prod(shape))
+        arrays.append(np.frombuffer(payload, dtype, count=count, offset=offset).reshape(shape))
+        offset += count * dtype.itemsize
+    inputs, probabilities, embedding = arrays
+    return LogRecord(
+        request_id=header["r"],
+        created_at=header["t"],
+        endpoint=header["e"],
+        model_name=header["n"],
+        model_version=header["v"],
+        inputs=inputs,
+        probabilities=probabilities,
+        embedding=embedding,
+        latency_ms=header["l"],
+        role=header["o"],
+        sample_rate=header.get("s", 1.0),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Frames:
+    """The whole records in a stretch of a segment, and where the next one starts."""
+
+    records: list[LogRecord]
+    end: int  # the offset just past the last whole record
+    corrupt: bool  # a frame failed its checksum or its length is impossible
+
+
+def decode_frames(data: bytes, base: int, max_records: int) -> Frames:
+    """Whole records from `data` (read at segment offset `base`), at most `max_records`.
+
+    An incomplete frame at the end stops the read without error: its writer may be writing it
+    right now, or was killed inside `write` — in which case it was never acknowledged.
+    """
+    records: list[LogRecord] = []
+    position = 0
+    while len(records) < max_records and position + FRAME.size <= len(data):
+        length, checksum = FRAME.unpack_from(data, position)
+        if length > MAX_PAYLOAD:
+            return Frames(records, base + position, corrupt=True)
+        start = position + FRAME.size
+        if start + length > len(data):
+            break
+        payload = data[start : start + length]
+        if zlib.crc32(payload) != checksum:
+            return Frames(records, base + position, corrupt=True)
+        records.append(decode_payload(payload))
+        position = start + length
+    return Frames(records, base + position, corrupt=False)
+
+
+def segment_path(directory: Path, writer: str, seq: int) -> Path:
+    return directory / f"{writer}.{seq:08d}{SUFFIX}"
+
+
+def list_segments(directory: Path) -> list[Path]:
+    """Every segment in `directory`, each writer's in the order they were written."""
+    found: list[tuple[str, int, Path]] = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            match = SEGMENT_NAME.match(entry.name)
+            if match is not None:
+                found.append((match["writer"], int(match["seq"]), Path(entry.path)))
+    return [path for _, _, path in sorted(found)]
+
+
+def is_sealed(path: Path) -> bool:
+    """No process holds the segment open for writing (a held `flock` is a live writer's)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # closing the descriptor releases a lock taken above
+    return True
+
+
+def journal_bytes(directory: Path) -> int:
+    """The bytes all segments in `directory` take (what the ingester has not yet deleted)."""
+    total = 0
+    for path in list_segments(directory):
+        try:
+            total += path.stat().st_size
+        except FileNotFoundError:  # deleted by the ingester meanwhile
+            continue
+    return total
+
+
+def check_writable(directory: Path) -> None:
+    """Create `directory` if needed; a ConfigError naming it when no journal can be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write the prediction journal in {directory}: {exc.strerror or exc}; set "
+            "OPSLOOP_JOURNAL_DIR to a writable directory"
+        ) from exc
+
+
+def new_writer_name() -> str:
+    """A name no other process lifetime will use: host, pid and a random token."""
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class JournalWriter:
+    """One process's journal: `append` writes a record to the open segment before returning.
+
+    Not thread-safe by design: a serving process appends from its event loop only.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        fsync: bool = False,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        on_dropped: Callable[[int], None] | None = None,
+    ) -> None:
+        self.directory = directory
+        self.fsync = fsync
+        self.segment_bytes = segment_bytes
+        self.max_bytes = max_bytes
+        self.on_dropped = on_dropped
+        self.writer = new_writer_name()
+        self.rows_dropped = 0
+        self._seq = 0
+        self._fd: int | None = None
+        self._size = 0
+        self._full_until = 0.0  # while over max_bytes: when to look for room again
+
+    def open(self) -> None:
+        """Create the directory and the first segment (a ConfigError naming it if impossible)."""
+        check_writable(self.directory)
+        self._open_segment()
+
+    def append(self, record: LogRecord) -> bool:
+        """Write one record; False (and counted as dropped) when the journal is full."""
+        if self._fd is None:
+            raise RuntimeError("the journal is not open")
+        if self._size >= self.segment_bytes and not self._rotate():
+            self._drop(len(record.inputs))
+            return False
+        frame = encode_record(record)
+        written = os.write(self._fd, frame)
+        if written != len(frame):  # a full disk mid-frame: the ingester skips the torn tail
+            self._size = self.segment_bytes  # move on to a fresh segment next time
+            raise OSError(f"short write to the prediction journal ({written} of {len(frame)})")
+        if self.fsync:
+            os.fdatasync(self._fd)
+        self._size += written
+        return True
+
+    def close(self) -> None:
+        """Close the open segment, which seals it for the ingester."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _open_segment(self) -> None:
+        """Create the next segment locked: made under a name the ingester ignores, locked, then
+        renamed, so the ingester never sees it unlocked (and empty, so deletable)."""
+        self._seq += 1
+        path = segment_path(self.directory, self.writer, self._seq)
+        hidden = path.with_name(f".{path.name}.new")
+        fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh name: nobody else holds it
+        hidden.rename(path)
+        self._fd, self._size = fd, 0
+
+    def _rotate(self) -> bool:
+        """Seal the full segment and open the next, unless the journal is over `max_bytes`."""
+        now = time.monotonic()
+        if now < self._full_until:
+            return False
+        if journal_bytes(self.directory) >= self.max_bytes:
+            self._full_until = now + SPACE_RECHECK_S
+            return False
+        previous = self._fd
+        self._open_segment()
+        if previous is not None:
+            os.close(previous)
+        return True
+
+    def _drop(self, rows: int) -> None:
+        self.rows_dropped += rows
+        if self.on_dropped is not None:
+            self.on_dropped(rows)
+        if self.rows_dropped == rows or self.rows_dropped % 10_000 < rows:
+            logger.error(
+                "prediction journal over OPSLOOP_JOURNAL_MAX_BYTES=%d (is the ingester or the "
+                "database down?): %d rows dropped so far",
+                self.max_bytes,
+                self.rows_dropped,
+            )
+
+
+def iter_records(path: Path) -> Iterator[LogRecord]:
+    """Every whole record of one segment (for tests and inspection)."""
+    data = path.read_bytes()
+    yield from decode_frames(data, 0, max_records=len(data)).records
