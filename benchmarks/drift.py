@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from docs_block import fill_block
 
 from opsloop.bundle import Bundle, LogBasis, load_bundle, onnx_session, run_onnx
 from opsloop.config import DataConfig, load_config
@@ -39,8 +39,7 @@ from opsloop.monitor import ReferenceData, Window, detect_drift, load_reference
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "drift.json"
 DOCS = REPO / "docs" / "monitoring.md"
-START_MARK = "<!-- benchmark:drift:start -->"
-END_MARK = "<!-- benchmark:drift:end -->"
+BLOCK = "drift"  # its markers in the docs page: <!-- benchmark:drift:start/end -->
 SIZES = (50, 100, 200)
 DIGITS_SCALE = 16.0  # the shift parameters below are stated on the digits' 0-16 scale
 SHIFTS = ("clean", "gaussian_noise", "gaussian_blur", "rotation", "contrast", "label_prior")
@@ -202,14 +201,7 @@ def table(cells: list[Cell], meta: dict[str, Any]) -> str:
 
 
 def write_docs(text: str) -> None:
-    """Replace the table between the benchmark markers in docs/monitoring.md."""
-    doc = DOCS.read_text(encoding="utf-8")
-    pattern = re.compile(re.escape(START_MARK) + ".*?" + re.escape(END_MARK), re.DOTALL)
-    if not pattern.search(doc):
-        raise SystemExit(f"{DOCS} has no {START_MARK} ... {END_MARK} block")
-    DOCS.write_text(
-        pattern.sub(lambda _m: f"{START_MARK}\n{text}\n{END_MARK}", doc), encoding="utf-8"
-    )
+    fill_block(DOCS, BLOCK, text)
 
 
 def build_bundle(data: DataConfig, workdir: Path) -> Bundle:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from docs_block import fill_block
 
 from opsloop.bundle import EMBEDDING, PROBABILITIES, Bundle, load_bundle, onnx_session, run_onnx
 from opsloop.config import ModelConfig, load_config
@@ -43,8 +43,7 @@ from opsloop.monitor.estimate import (
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "estimate.json"
 DOCS = REPO / "docs" / "ground-truth.md"
-START_MARK = "<!-- benchmark:estimate:start -->"
-END_MARK = "<!-- benchmark:estimate:end -->"
+BLOCK = "estimate"  # its markers in the docs page: <!-- benchmark:estimate:start/end -->
 WINDOW = 200
 EPOCHS = 20
 GOAL_SHIFT, GOAL_CLEAN = 0.10, 0.03
@@ -226,11 +225,7 @@ def table(rows: list[Row], meta: dict[str, Any]) -> str:
 
 
 def write_docs(text: str) -> None:
-    docs = DOCS.read_text()
-    pattern = re.compile(re.escape(START_MARK) + ".*?" + re.escape(END_MARK), re.S)
-    if not pattern.search(docs):
-        raise SystemExit(f"{DOCS} has no {START_MARK} ... {END_MARK} block to fill")
-    DOCS.write_text(pattern.sub(lambda _: f"{START_MARK}\n{text}\n{END_MARK}", docs))
+    fill_block(DOCS, BLOCK, text)
 
 
 if __name__ == "__main__":

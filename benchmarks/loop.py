@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -36,13 +35,13 @@ from typing import Any
 
 import httpx
 import numpy as np
+from docs_block import fill_block
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "loop.json"
 FIGURE = REPO / "docs" / "images" / "loop-timeline.png"
 DOCS = REPO / "docs" / "loop.md"
-START_MARK = "<!-- benchmark:loop:start -->"
-END_MARK = "<!-- benchmark:loop:end -->"
+BLOCK = "loop"  # its markers in the docs page: <!-- benchmark:loop:start/end -->
 OPSLOOP = [sys.executable, "-c", "from opsloop.cli import main; raise SystemExit(main())"]
 GOAL_ACCURACY, GOAL_SECONDS = 0.90, 300.0
 
@@ -377,11 +376,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def write_docs(text: str) -> None:
-    docs = DOCS.read_text()
-    pattern = re.compile(re.escape(START_MARK) + ".*?" + re.escape(END_MARK), re.S)
-    if not pattern.search(docs):
-        raise SystemExit(f"{DOCS} has no {START_MARK} ... {END_MARK} block to fill")
-    DOCS.write_text(pattern.sub(lambda _: f"{START_MARK}\n{text}\n{END_MARK}", docs))
+    fill_block(DOCS, BLOCK, text)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import sqlite3
 import tempfile
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from docs_block import fill_block
 
 from opsloop.bundle import LogBasis
 from opsloop.serve.ingest import Ingester
@@ -35,8 +35,7 @@ from opsloop.serve.protocol import new_request_id
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "predlog-size.json"
 DOCS = REPO / "docs" / "serving.md"
-START_MARK = "<!-- benchmark:predlog-size:start -->"
-END_MARK = "<!-- benchmark:predlog-size:end -->"
+BLOCK = "predlog-size"  # its markers in the docs page: <!-- benchmark:predlog-size:start/end -->
 EMBEDDING = 128
 CLIENT_ID = "order-" + "x" * 122  # 128 characters, the longest id the server accepts
 
@@ -182,11 +181,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def write_docs(text: str) -> None:
-    docs = DOCS.read_text()
-    pattern = re.compile(re.escape(START_MARK) + ".*?" + re.escape(END_MARK), re.S)
-    if not pattern.search(docs):
-        raise SystemExit(f"{DOCS} has no {START_MARK} ... {END_MARK} block to fill")
-    DOCS.write_text(pattern.sub(lambda _: f"{START_MARK}\n{text}\n{END_MARK}", docs))
+    fill_block(DOCS, BLOCK, text)
 
 
 def main(argv: list[str] | None = None) -> None:

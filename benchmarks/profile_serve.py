@@ -1,8 +1,8 @@
 """Where a serving worker's time goes under load: py-spy samples of one `opsloop serve` worker.
 
 `opsloop serve` (2 workers, metrics and the prediction log on, the digits bundle) is loaded by
-wrk at concurrency 32 while py-spy samples one worker's Python stacks (including idle time and
-native frames). Each sample is charged to the first category its stack matches, leaf first:
+wrk at concurrency 32 while py-spy samples one worker's busy threads (the event loop, the
+inference thread). Each sample is charged to the first category its stack matches, leaf first:
 
     uv run --no-sync python benchmarks/profile_serve.py [--duration 10] [--write-docs]
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import re
@@ -26,41 +27,59 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from docs_block import fill_block  # noqa: E402
+
 from serve import free_port, make_artifacts, started, wrk  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "serve-profile.json"
 DOCS = REPO / "docs" / "serving.md"
-START_MARK = "<!-- benchmark:profile:start -->"
-END_MARK = "<!-- benchmark:profile:end -->"
+BLOCK = "profile"  # its markers in the docs page: <!-- benchmark:profile:start/end -->
 CONCURRENCY = 32
 # (category, pattern matched against one frame "function (file)"), checked leaf first: the
 # first frame that matches any pattern decides the sample's category.
 CATEGORIES = (
-    ("ONNX Runtime (the model)", r"\brun \(.*onnxruntime"),
-    ("prediction journal (write)", r"\(.*opsloop/serve/journal\.py"),
-    ("metrics (prometheus_client)", r"\(.*prometheus_client/"),
-    ("request decode (JSON -> tensor)", r"decode_infer_request|parse_json_object|decode_input"),
-    ("response encode (tensor -> JSON)", r"encode_infer_response|output_tensors"),
-    ("micro-batcher hand-off", r"\(.*opsloop/serve/batching\.py|run_in_executor"),
-    ("opsloop request path (other)", r"\(.*opsloop/serve/"),
-    ("HTTP parsing and sockets (uvicorn)", r"\(.*uvicorn/|httptools"),
-    ("event loop (asyncio, idle included)", r"\(.*asyncio/|select|epoll"),
+    ("ONNX Runtime (the model)", r"Session\.run \(onnxruntime/"),
+    ("prediction journal (encode + write)", r"\(opsloop/serve/journal\.py"),
+    ("log basis projection", r"LogBasis\.project"),
+    ("metrics (prometheus_client)", r"\(prometheus_client/"),
+    ("request decode (JSON -> tensor)", r"decode_|parse_json_object|orjson"),
+    ("response encode (tensor -> JSON)", r"encode_infer_response|output_tensors|encode_"),
+    ("request ids (os.urandom)", r"\(random\.py|\(secrets\.py"),
+    ("micro-batcher and its thread hand-off", r"concurrent/futures/|batching\.py|run_in_executor"),
+    ("opsloop request path (other)", r"\(opsloop/serve/"),
+    ("HTTP (uvicorn, httptools)", r"\(uvicorn/|httptools"),
+    ("event loop (uvloop, in C)", r"\(asyncio/"),
 )
 
 
-def worker_pids(server_pid: int) -> list[int]:
-    """The supervisor's children that serve (they hold the listening port)."""
-    children = []
+def worker_pids(server_pid: int, port: int) -> list[int]:
+    """The supervisor's children that listen on `port` (the workers, not the ingester)."""
+    listening = listening_inodes(port)
+    workers = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
+        if not entry.name.isdigit():
+            continue
+        try:
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) != server_pid:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == server_pid and b"spawn" in cmdline:
-                children.append(int(entry.name))
-    return sorted(children)
+            sockets = {str(fd.readlink()) for fd in (entry / "fd").iterdir()}
+        except OSError:
+            continue
+        if any(f"socket:[{inode}]" in sockets for inode in listening):
+            workers.append(int(entry.name))
+    return sorted(workers)
+
+
+def listening_inodes(port: int) -> set[str]:
+    """Inodes of the TCP sockets listening on `port` (from /proc/net/tcp and tcp6)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                    inodes.add(fields[9])
+    return inodes
 
 
 def categorise(raw: Path) -> tuple[dict[str, float], int]:
@@ -104,7 +123,7 @@ def run(duration: float, workdir: Path) -> dict[str, object]:
     raw = workdir / "profile.txt"
     with started([[*serve, "serve"]], env, url + "/v2/health/ready"):
         wrk(infer, script, 8, 2)  # warm-up
-        target = worker_pids(server_pid(port))[0]
+        target = worker_pids(server_pid(port), port)[0]
         sampler = subprocess.Popen(
             [
                 str(Path(sys.executable).with_name("py-spy")),
@@ -115,7 +134,6 @@ def run(duration: float, workdir: Path) -> dict[str, object]:
                 str(int(duration)),
                 "--rate",
                 "250",
-                "--idle",
                 "--nonblocking",
                 "--format",
                 "raw",
@@ -131,6 +149,7 @@ def run(duration: float, workdir: Path) -> dict[str, object]:
         if sampler.returncode != 0 or not raw.exists():
             raise SystemExit(f"py-spy failed: {stderr.decode(errors='replace')[-500:]}")
     shares, samples = categorise(raw)
+    (RESULTS.parent / "serve-profile.txt").write_text(raw.read_text())  # the stacks themselves
     return {
         "date": time.strftime("%Y-%m-%d"),
         "concurrency": CONCURRENCY,
@@ -163,9 +182,10 @@ def table(result: dict[str, object]) -> str:
     assert isinstance(shares, dict)
     lines = [
         f"One worker of `opsloop serve` (2 workers, metrics and the log on) sampled by py-spy "
-        f"at 250 Hz while wrk loads the server at concurrency {result['concurrency']} "
+        f"at 250 Hz (CPU time of all its threads: the event loop, the inference thread, image "
+        f"decoding) while wrk loads the server at concurrency {result['concurrency']} "
         f"({result['requests_per_s']:,.0f} req/s, p99 {result['p99_ms']:.1f} ms), measured "
-        f"{result['date']}; {result['samples']} samples, idle time included:",
+        f"{result['date']}; {result['samples']} samples of busy threads:",
         "",
         "| where the worker's time goes | share |",
         "|---|---:|",
@@ -176,11 +196,7 @@ def table(result: dict[str, object]) -> str:
 
 
 def write_docs(text: str) -> None:
-    docs = DOCS.read_text()
-    pattern = re.compile(re.escape(START_MARK) + ".*?" + re.escape(END_MARK), re.S)
-    if not pattern.search(docs):
-        raise SystemExit(f"{DOCS} has no {START_MARK} ... {END_MARK} block to fill")
-    DOCS.write_text(pattern.sub(lambda _: f"{START_MARK}\n{text}\n{END_MARK}", docs))
+    fill_block(DOCS, BLOCK, text)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from docs_block import fill_block
 from fastapi import FastAPI
 from pydantic import BaseModel
 
@@ -51,8 +52,6 @@ RESULTS = REPO / "benchmarks" / "results"
 DOCS = REPO / "docs" / "serving.md"
 CONCURRENCY = (1, 8, 32, 64)
 MAX_BATCH = 32
-START_MARK = "<!-- benchmark:{shape}:start -->"
-END_MARK = "<!-- benchmark:{shape}:end -->"
 WRK_SCRIPT = """wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 local f = io.open("{body}", "rb")
@@ -239,11 +238,13 @@ def make_artifacts(workdir: Path, shape: tuple[int, int, int]) -> Path:
     )
     finalize_manifest(bundle, manifest)
     pixels = np.random.default_rng(0).random((1, *shape)) * pixel_max
+    # The outputs the reference returns (a request naming none gets the embedding too).
     body = {
         "inputs": [
             {"name": "pixels", "shape": [1, *shape], "datatype": "FP32",
              "data": [round(float(v), 3) for v in pixels.ravel()]}
-        ]
+        ],
+        "outputs": [{"name": "probabilities"}, {"name": "label"}],
     }  # fmt: skip
     (workdir / "body.json").write_text(json.dumps(body))
     (workdir / "post.lua").write_text(WRK_SCRIPT.format(body=workdir / "body.json"))
@@ -448,13 +449,7 @@ def table(cells: list[Cell], shape: str, duration: float) -> str:
 
 
 def write_docs(text: str, shape: str) -> None:
-    start, end = START_MARK.format(shape=shape), END_MARK.format(shape=shape)
-    document = DOCS.read_text()
-    if start not in document or end not in document:
-        raise SystemExit(f"{DOCS} has no {start} ... {end} markers")
-    before, rest = document.split(start, 1)
-    after = rest.split(end, 1)[1]
-    DOCS.write_text(f"{before}{start}\n{text}\n{end}{after}")
+    fill_block(DOCS, shape, text)
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ import typer
 from rich.console import Console
 
 from opsloop import __version__
-from opsloop.errors import ConfigError, OpsloopError
+from opsloop.errors import ConfigError, OpsloopError, redact_text, redact_url
 
 logger = logging.getLogger("opsloop")
 
@@ -200,7 +200,9 @@ def train_command(
             "test acc": f"{metrics.get('test/acc', float('nan')):.4f}",
             "test f1": f"{metrics.get('test/f1', float('nan')):.4f}",
             "seconds": f"{result.seconds:.1f}",
-            "tracking": result.tracking_uri or "- (logger=none)",
+            "tracking": redact_url(result.tracking_uri)
+            if result.tracking_uri
+            else "- (logger=none)",
         },
     )
 
@@ -349,6 +351,52 @@ def promote_command(
     )
 
 
+def _play_scenario(
+    name: str,
+    scale: float,
+    url: str,
+    bundle: Path | None,
+    data: Path | None,
+    overrides: list[str],
+    seed: int,
+) -> None:
+    from opsloop.data import load_split
+    from opsloop.monitor.scenario import get_scenario, run_scenario, split_pool
+    from opsloop.monitor.simulate import replay_sources
+
+    scenario = get_scenario(name).scaled(scale)
+    loaded, data_dir = replay_sources(bundle, data, overrides)
+    test = load_split(data_dir, "test")
+    (images, labels), _held = split_pool(test.images, test.labels, scenario.holdout_fraction, seed)
+    manifest = loaded.manifest
+    timeline = run_scenario(
+        scenario,
+        url,
+        images,
+        labels,
+        model_name=manifest.model_name,
+        input_name=manifest.input.name,
+        pixel_max=manifest.preprocessing.pixel_max,
+        seed=seed,
+    )
+    shift = timeline.shift_at
+    end = shift + scenario.shift_seconds
+    versions = sorted({a.model_version for a in timeline.answers if a.model_version})
+    print_fields(
+        f"scenario {scenario.name}: {scenario.description}",
+        {
+            "requests": f"{len(timeline.answers)} ({timeline.failed} failed)",
+            "labels": f"{timeline.labels_posted} posted after {scenario.label_delay_seconds:g} s",
+            "clean accuracy": _optional(timeline.accuracy(0, shift)),
+            "shifted accuracy": _optional(timeline.accuracy(shift, end)),
+            "last minute": _optional(timeline.accuracy(max(shift, end - 60), end)),
+            "versions": ", ".join(versions),
+        },
+    )
+    if timeline.failed:
+        raise typer.Exit(1)
+
+
 def _evidence_source(log: str | None) -> Any:
     """Live evidence read from the prediction log (`--log`, else the server's)."""
     from opsloop.monitor.quality import live_evidence
@@ -483,6 +531,12 @@ def export_command(
 @app.command("pipeline")
 def pipeline_command(
     overrides: list[str] | None = typer.Argument(None, help=OVERRIDES_HELP),
+    promote: bool = typer.Option(
+        True, "--promote/--no-promote", help="Gate and promote (default), or stop at export."
+    ),
+    outputs: Path | None = typer.Option(
+        None, "--outputs", help="Write the run, report and bundle here, not dvc.yaml's places."
+    ),
 ) -> None:
     """data -> train -> evaluate -> register -> export -> promote, with a summary table."""
     from rich.table import Table
@@ -491,7 +545,7 @@ def pipeline_command(
     from opsloop.pipeline import run_pipeline
 
     cfg = load_config(overrides or [])
-    result = run_pipeline(cfg)
+    result = run_pipeline(cfg, promote=promote, outputs=outputs)
     table = Table(title="opsloop pipeline", title_justify="left")
     for column in ("stage", "seconds", "result"):
         table.add_column(column, overflow="fold")
@@ -504,8 +558,10 @@ def pipeline_command(
         {
             "accuracy": f"{result.accuracy:.4f}",
             "model version": f"{result.model_name} v{result.model_version}",
-            "alias": "champion" if result.promoted else "challenger (gate refused)",
-            "champion": f"v{result.champion_version}",
+            "alias": "champion"
+            if result.promoted
+            else "challenger" + (" (gate refused)" if promote else " (not gated)"),
+            "champion": f"v{result.champion_version}" if result.champion_version else "unchanged",
             "bundle": str(result.bundle_path),
             "serve it": f"{_launcher()}opsloop serve   (serves {result.model_name}@champion)",
         },
@@ -554,6 +610,133 @@ def serve_command(
         name, _, alias = model.partition("@")
         overrides |= {"model_name": name, "model_alias": alias or "champion", "bundle_path": None}
     run_server(load_settings(**{k: v for k, v in overrides.items() if v is not None}))
+
+
+@app.command("ui")
+def ui_command(
+    host: str | None = typer.Option(None, "--host", help="Interface [env OPSLOOP_UI_HOST]."),
+    port: int | None = typer.Option(None, "--port", help="TCP port [env OPSLOOP_UI_PORT, 8501]."),
+    server: str | None = typer.Option(
+        None, "--server", help="Inference server URL [env OPSLOOP_UI_SERVER_URL, :8000]."
+    ),
+) -> None:
+    """Open the app in a browser: predict, models, monitoring and the loop (Streamlit).
+
+    Every setting is an OPSLOOP_UI_* environment variable (see docs/tour.md); options win.
+    """
+    from opsloop.ui.launch import run_ui
+    from opsloop.ui.settings import load_ui_settings
+
+    options: dict[str, Any] = {"host": host, "port": port, "server_url": server}
+    options["log_level"] = _service_log_level("OPSLOOP_UI_LOG_LEVEL")
+    run_ui(load_ui_settings(**{k: v for k, v in options.items() if v is not None}))
+
+
+loop_app = typer.Typer(
+    help="The closed loop: retrain on production data when the champion gets worse.",
+    no_args_is_help=True,
+)
+app.add_typer(loop_app, name="loop")
+
+
+@loop_app.command("serve")
+def loop_serve_command(
+    host: str | None = typer.Option(None, "--host", help="Interface [env OPSLOOP_LOOP_HOST]."),
+    port: int | None = typer.Option(None, "--port", help="TCP port [env OPSLOOP_LOOP_PORT, 8002]."),
+) -> None:
+    """Run the controller: a decision every interval, Alertmanager's webhook on /alerts.
+
+    Every setting is an OPSLOOP_LOOP_* environment variable (see docs/loop.md); options win.
+    """
+    from opsloop.loop.app import run_loop_service
+    from opsloop.loop.settings import load_loop_settings
+
+    options: dict[str, Any] = {"host": host, "port": port}
+    options["log_level"] = _service_log_level("OPSLOOP_LOOP_LOG_LEVEL")
+    run_loop_service(load_loop_settings(**{k: v for k, v in options.items() if v is not None}))
+
+
+@loop_app.command("run")
+def loop_run_command(
+    once: bool = typer.Option(True, "--once", help="One decision, then exit (the only mode)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Decide and record, run nothing."),
+    reason: str | None = typer.Option(
+        None, "--reason", help="Ask for a run by hand (a manual trigger; limits still apply)."
+    ),
+) -> None:
+    """One decision now: gather the evidence, check the limits, run (and wait) or say why not."""
+    from opsloop.loop.controller import Controller
+    from opsloop.loop.settings import load_loop_settings
+    from opsloop.loop.triggers import MANUAL, Trigger
+
+    del once  # a service that keeps deciding is `opsloop loop serve`
+    controller = Controller(load_loop_settings())
+    try:
+        request = Trigger(MANUAL, reason) if reason else None
+        decision = controller.step(request, dry_run=dry_run, wait=True)
+        fields = {"decision": decision.reason}
+        if decision.trigger is not None:
+            fields["trigger"] = f"{decision.trigger.kind}: {decision.trigger.reason}"
+        if decision.run_id is not None:
+            run = controller.history.get(decision.run_id)
+            fields |= _describe_run(run)
+        title = "ran" if decision.run else ("would run (dry run)" if dry_run else "not running")
+        print_fields(f"loop: {title}", fields)
+    finally:
+        controller.close()
+
+
+@loop_app.command("retrain")
+def loop_retrain_command(
+    run: int = typer.Option(..., "--run", help="The loop run (its row in the loop database)."),
+) -> None:
+    """Do one loop run's work (the runner starts this): data, pipeline, gate, publish."""
+    from opsloop.loop.retrain import retrain
+    from opsloop.loop.settings import load_loop_settings
+
+    record = retrain(load_loop_settings(), run)
+    print_fields(f"loop run {record.id}: {record.state}", _describe_run(record))
+    if record.state not in ("succeeded", "refused"):
+        raise typer.Exit(1)
+
+
+@loop_app.command("history")
+def loop_history_command(
+    limit: int = typer.Option(20, "--limit", min=1, help="How many runs, newest first."),
+) -> None:
+    """Every loop run: trigger, evidence, data version, MLflow run, gate decision, promotion."""
+    from datetime import UTC, datetime
+
+    from opsloop.loop.history import History
+    from opsloop.loop.settings import load_loop_settings
+
+    history = History(load_loop_settings().resolved_db_url())
+    try:
+        runs = history.recent(limit)
+    finally:
+        history.dispose()
+    if not runs:
+        console.print("no loop runs yet; `opsloop loop run --once` takes the first decision")
+    for run in runs:
+        when = datetime.fromtimestamp(run.created_at, UTC).isoformat(timespec="seconds")
+        print_fields(f"run {run.id}  {when}  {run.trigger} -> {run.state}", _describe_run(run))
+
+
+def _describe_run(run: Any) -> dict[str, str]:
+    fields = {"why": run.reason}
+    if run.data_hash:
+        fields["data version"] = f"{run.data_name} {run.data_hash[:12]} ({run.labels} labels)"
+    if run.mlflow_run_id:
+        fields["mlflow run"] = run.mlflow_run_id
+    if run.model_version:
+        fields["model"] = f"v{run.model_version} (champion before: v{run.champion_before})"
+    if run.decision:
+        fields["gate"] = run.decision
+    if run.promoted is not None:
+        fields["promoted"] = str(bool(run.promoted)).lower()
+    if run.error:
+        fields["error"] = run.error
+    return fields
 
 
 @app.command("trace")
@@ -777,12 +960,24 @@ def simulate_command(
     allow_remote: bool = typer.Option(
         False, "--allow-remote", help="Allow a target that is not on this machine."
     ),
+    scenario: str | None = typer.Option(
+        None,
+        "--scenario",
+        help="Play a story instead: clean traffic, a shift that hurts, labels posted after a "
+        "delay (rotation, blur, contrast).",
+    ),
+    scale: float = typer.Option(
+        1.0, "--scale", min=0.01, help="With --scenario: stretch or shorten its phases."
+    ),
 ) -> None:
     """Replay held-out images, clean then corrupted, against a running server at a steady rate."""
     from opsloop.monitor.simulate import TrafficPlan, run_simulation
 
     # httpx logs every request at INFO: at tens of requests a second that drowns the summary.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    if scenario is not None:
+        _play_scenario(scenario, scale, url, bundle, data, overrides or [], seed)
+        return
     plan = TrafficPlan(
         url=url,
         model_name=model,
@@ -863,8 +1058,9 @@ def _usage_message(exc: Exception) -> str:
 
 
 def _fail(message: str) -> None:
+    # The last line of defence: whatever an error quotes, no URL password reaches the terminal.
     Console(stderr=True, soft_wrap=True, highlight=False).print(
-        f"error: {' '.join(message.split())}", markup=False
+        f"error: {' '.join(redact_text(message).split())}", markup=False
     )
 
 

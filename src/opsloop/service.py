@@ -110,3 +110,20 @@ def logging_config(level: str) -> dict[str, Any]:
         "propagate": False,
     }
     return config
+
+
+def serve_app(app: Any, settings: ServiceSettings) -> None:
+    """Run a service's ASGI app under uvicorn on its host and port until SIGINT/SIGTERM, with
+    opsloop's logging, no access log and no server header (what the monitor and the loop share;
+    the inference server runs its own workers)."""
+    import uvicorn
+
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=logging_config(settings.log_level),
+        access_log=False,
+        server_header=False,
+    )

@@ -84,8 +84,13 @@ def running(command: Sequence[str], log_path: Path, env: dict[str, str]) -> Iter
 
 
 @contextlib.contextmanager
-def serving_bundle(bundle: Path, tmp_path: Path, predlog_url: str) -> Iterator[str]:
-    """`opsloop serve` of `bundle` with one worker on a free loopback port; yields its URL."""
+def serving_bundle(
+    bundle: Path, tmp_path: Path, predlog_url: str, **settings: str
+) -> Iterator[str]:
+    """`opsloop serve` of `bundle` with one worker on a free loopback port; yields its URL.
+
+    `settings` are more `OPSLOOP_*` variables, e.g. `OPSLOOP_ADMIN_TOKEN="t"`.
+    """
     port = free_port()
     env = {
         "OPSLOOP_BUNDLE_PATH": str(bundle),
@@ -95,6 +100,7 @@ def serving_bundle(bundle: Path, tmp_path: Path, predlog_url: str) -> Iterator[s
         "OPSLOOP_WORKSPACE": str(tmp_path),
         "OPSLOOP_PREDLOG_URL": predlog_url,
         "OPSLOOP_PREDLOG_FLUSH_MS": "50",
+        **settings,
     }
     url = f"http://127.0.0.1:{port}"
     with running([*OPSLOOP, "serve"], tmp_path / f"serve-{port}.log", env) as server:

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.integration.processes import OPSLOOP, free_port, metric_value, running
+from tests.integration.processes import metric_value, serving_bundle
 from tests.serve.onnx_bundles import write_bundle
 from tests.serve.test_hostile import png_bomb
 
@@ -50,21 +50,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """One worker with 1 s header and body timeouts and a 16 KiB header limit."""
     tmp_path = tmp_path_factory.mktemp("serve-limits")
     bundle = write_bundle(tmp_path / "bundle", version="1", seed=0)
-    port = free_port()
-    env = {
-        "OPSLOOP_BUNDLE_PATH": str(bundle),
-        "OPSLOOP_HOST": "127.0.0.1",
-        "OPSLOOP_PORT": str(port),
-        "OPSLOOP_WORKERS": "1",
-        "OPSLOOP_WORKSPACE": str(tmp_path),
-        "OPSLOOP_PREDLOG_URL": "none",
+    limits = {
         "OPSLOOP_HEADER_TIMEOUT_S": str(TIMEOUT_S),
         "OPSLOOP_BODY_TIMEOUT_S": str(TIMEOUT_S),
         "OPSLOOP_MAX_HEADER_BYTES": str(MAX_HEADER_BYTES),
     }
-    with running([*OPSLOOP, "serve"], tmp_path / "serve.log", env) as server:
-        server.wait_for_http(f"http://127.0.0.1:{port}/v2/health/ready")
-        yield Served(port)
+    with serving_bundle(bundle, tmp_path, "none", **limits) as url:
+        yield Served(int(url.rsplit(":", 1)[1]))
 
 
 def read_all(sock: socket.socket) -> bytes:

@@ -25,7 +25,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     status_code_conformance,
 )
 
-from tests.integration.processes import OPSLOOP, free_port, running  # noqa: E402
+from tests.integration.processes import serving_bundle  # noqa: E402
 from tests.serve.onnx_bundles import write_bundle  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -45,21 +45,9 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`opsloop serve` of the tiny digits model, one worker, both tokens set."""
     tmp_path = tmp_path_factory.mktemp("serve-openapi")
     bundle = write_bundle(tmp_path / "bundle", version="1", seed=0)
-    port = free_port()
-    env = {
-        "OPSLOOP_BUNDLE_PATH": str(bundle),
-        "OPSLOOP_HOST": "127.0.0.1",
-        "OPSLOOP_PORT": str(port),
-        "OPSLOOP_WORKERS": "1",
-        "OPSLOOP_WORKSPACE": str(tmp_path),
-        "OPSLOOP_PREDLOG_URL": f"sqlite:///{tmp_path / 'predictions.db'}",
-        "OPSLOOP_ADMIN_TOKEN": TOKEN,
-        "OPSLOOP_FEEDBACK_TOKEN": TOKEN,
-        "OPSLOOP_RELOAD_POLL_SECONDS": "0",
-    }
-    url = f"http://127.0.0.1:{port}"
-    with running([*OPSLOOP, "serve"], tmp_path / "serve.log", env) as server:
-        server.wait_for_http(f"{url}/v2/health/ready")
+    log = f"sqlite:///{tmp_path / 'predictions.db'}"
+    tokens = {"OPSLOOP_ADMIN_TOKEN": TOKEN, "OPSLOOP_FEEDBACK_TOKEN": TOKEN}
+    with serving_bundle(bundle, tmp_path, log, OPSLOOP_RELOAD_POLL_SECONDS="0", **tokens) as url:
         yield url
 
 

@@ -210,3 +210,14 @@ async def test_the_readiness_body_never_shows_a_url_password(tmp_path: Path) -> 
         assert ready.status_code == 503
         assert "postgresql://u:***@db/mlflow" in ready.json()["error"]
         assert "hunter2" not in ready.text
+
+
+@pytest.mark.parametrize(("setting", "inline"), [("auto", True), ("true", False), ("false", True)])
+async def test_a_small_model_runs_on_the_event_loop_unless_told_otherwise(
+    tmp_path: Path, tiny_bundle: Path, pixels: npt.NDArray[np.float32], setting: str, inline: bool
+) -> None:
+    app = create_app(make_settings(tmp_path, tiny_bundle, inference_thread=setting))
+    async for client in running(app):
+        assert (await client.post(INFER, json=infer_body(pixels))).status_code == 200
+        served = app.state.serve.manager.current
+        assert (served.batcher.executor is None) == inline  # the tiny model: well under 1 ms

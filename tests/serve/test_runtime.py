@@ -64,8 +64,9 @@ def test_warm_up_runs_the_batch_sizes_used(
         return real_predict(pixels)
 
     monkeypatch.setattr(model, "predict", recording_predict)
-    model.warm(max_batch_size=8)
-    assert rows_seen == [1, 4, 8]
+    seconds = model.warm(max_batch_size=8)
+    assert rows_seen == [1, 4, 8] + [8] * 5  # every size once, then the largest timed
+    assert 0 < seconds < 1
 
 
 def test_a_bundle_without_a_version_is_named_by_its_hash(tmp_path: Path) -> None:

@@ -113,3 +113,17 @@ def test_a_rejected_url_setting_never_shows_its_password() -> None:
     assert "OPSLOOP_PREDLOG_URL=" in str(caught.value)
     assert "hunter2" not in str(caught.value)
     assert "opsloop:***@db" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("given", "read"),
+    [("auto", "auto"), ("true", "true"), ("1", "true"), ("on", "true"), ("false", "false"),
+     ("No", "false")],
+)  # fmt: skip
+def test_the_inference_thread_is_auto_or_a_boolean(given: str, read: str) -> None:
+    assert load_settings(inference_thread=given).inference_thread == read
+
+
+def test_an_unknown_inference_thread_value_names_the_choices() -> None:
+    with pytest.raises(ConfigError, match=r"OPSLOOP_INFERENCE_THREAD='maybe'.*auto, true or false"):
+        load_settings(inference_thread="maybe")

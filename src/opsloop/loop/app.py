@@ -28,7 +28,7 @@ from opsloop.loop.controller import Controller
 from opsloop.loop.history import RUNNING, History
 from opsloop.loop.settings import ENV_PREFIX, LoopSettings
 from opsloop.loop.triggers import ALERT, MANUAL, Trigger
-from opsloop.service import check_port, logging_config
+from opsloop.service import check_port, serve_app
 
 logger = logging.getLogger(__name__)
 
@@ -209,17 +209,7 @@ def create_loop_app(controller: Controller) -> FastAPI:
 
 def run_loop_service(settings: LoopSettings) -> None:
     """Serve the loop until interrupted (SIGINT/SIGTERM)."""
-    import uvicorn
-
     check_port(settings.host, settings.port, f"{ENV_PREFIX}PORT")
     controller = Controller(settings)
     controller.recover()
-    uvicorn.run(
-        create_loop_app(controller),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        log_config=logging_config(settings.log_level),
-        access_log=False,
-        server_header=False,
-    )
+    serve_app(create_loop_app(controller), settings)

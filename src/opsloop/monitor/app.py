@@ -24,7 +24,7 @@ from opsloop.errors import MissingExtraError, OpsloopError, redact_url
 from opsloop.monitor.report import finite
 from opsloop.monitor.service import DriftMonitor, resolve_sources
 from opsloop.monitor.settings import ENV_PREFIX, MonitorSettings
-from opsloop.service import check_port, logging_config
+from opsloop.service import check_port, serve_app
 
 logger = logging.getLogger(__name__)
 
@@ -126,19 +126,9 @@ def create_monitor_app(monitor: DriftMonitor) -> FastAPI:
 
 def run_monitor_service(settings: MonitorSettings, overrides: Sequence[str] = ()) -> None:
     """Serve the monitor until interrupted (SIGINT/SIGTERM); `overrides` pick the default bundle."""
-    import uvicorn
-
     check_port(settings.host, settings.port, f"{ENV_PREFIX}PORT")
     bundle_path, predlog_url = resolve_sources(
         settings.bundle_path, settings.predlog_url, overrides
     )
     monitor = DriftMonitor(settings, bundle_path, predlog_url)
-    uvicorn.run(
-        create_monitor_app(monitor),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        log_config=logging_config(settings.log_level),
-        access_log=False,
-        server_header=False,
-    )
+    serve_app(create_monitor_app(monitor), settings)

@@ -51,6 +51,11 @@ class BatchingLimits:
     max_wait_s: float = 0.0
 
 
+# A model whose largest batch runs faster than this runs on the event loop when
+# OPSLOOP_INFERENCE_THREAD=auto: a thread hand-off costs tens of microseconds per batch.
+AUTO_INLINE_S = 0.001
+
+
 class ModelManager:
     """Owns the current model; loads, warms and swaps in new ones."""
 
@@ -63,8 +68,12 @@ class ModelManager:
         tuning: SessionTuning | None = None,
         limits: BatchingLimits | None = None,
         candidate: bool = False,
+        inline_when_faster: bool = False,
     ) -> None:
         self.source = source
+        # With `inline_when_faster`, a model whose full batch runs in under AUTO_INLINE_S at
+        # warm-up runs on the event loop: its thread hand-off would cost more than it saves.
+        self.inline_when_faster = inline_when_faster
         self.candidate = candidate  # the shadow/canary model, reported as such in the metrics
         self.executor = executor
         self.metrics = metrics
@@ -105,10 +114,19 @@ class ModelManager:
         old = self.current
         if old is not None and not force and old.fingerprint == new_fingerprint:
             return ReloadOutcome(False, old.model.version, old.model.version)
-        model = await asyncio.to_thread(self._load_and_warm, bundle_dir)
+        model, batch_seconds = await asyncio.to_thread(self._load_and_warm, bundle_dir)
+        executor = self.executor
+        if executor is not None and self.inline_when_faster and batch_seconds < AUTO_INLINE_S:
+            executor = None
+        logger.info(
+            "a batch of %d takes %.2f ms: inference runs %s",
+            self.limits.max_batch_size,
+            batch_seconds * 1000,
+            "on the event loop" if executor is None else "in its own thread",
+        )
         batcher = MicroBatcher(
             model.predict,
-            self.executor,
+            executor,
             max_batch_size=self.limits.max_batch_size,
             max_wait_s=self.limits.max_wait_s,
             observe=self.metrics.observe_batch,
@@ -130,7 +148,7 @@ class ModelManager:
             await old.batcher.close()  # requests queued on the old model finish on it
         return ReloadOutcome(True, model.version, None if old is None else old.model.version)
 
-    def _load_and_warm(self, bundle_dir: Path) -> OnnxModel:
+    def _load_and_warm(self, bundle_dir: Path) -> tuple[OnnxModel, float]:
         model = load_model(bundle_dir, self.tuning)
         if model.bundle.manifest.quantization and self.limits.max_batch_size > 1:
             # Dynamic int8 quantizes activations with one scale per batch: a request's answer
@@ -140,8 +158,7 @@ class ModelManager:
                 "unbatched ones; set OPSLOOP_MAX_BATCH_SIZE=1 if they must be identical",
                 bundle_dir,
             )
-        model.warm(self.limits.max_batch_size)
-        return model
+        return model, model.warm(self.limits.max_batch_size)
 
     async def _poll(self, seconds: float) -> None:
         reported: str | None = None

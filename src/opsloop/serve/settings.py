@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 
@@ -45,6 +45,7 @@ HINTS = COMMON_HINTS | {
     "reload_poll_seconds": "use 0 (never poll) or a positive number of seconds",
     "canary_fraction": "use a fraction of requests from 0 (off) to 1",
     "shadow_max_pending_rows": "use 1 or more rows",
+    "inference_thread": "use auto, true or false",
     "max_header_bytes": "use a byte count of at least 1024 (all request headers together)",
     "header_timeout_s": "use a positive number of seconds",
     "body_timeout_s": "use a positive number of seconds",
@@ -112,8 +113,9 @@ class ServeSettings(ServiceSettings):
     shadow_max_pending_rows: int = Field(1024, ge=1)
     access_log: bool = False
     # ONNX Runtime runs in a thread beside the event loop (true), or on the loop itself (false:
-    # less overhead for a tiny model when every core already runs a worker).
-    inference_thread: bool = True
+    # no thread hand-off per batch, but the loop waits while the model runs). auto: on the loop
+    # when a full batch takes under a millisecond at warm-up (a small model), else a thread.
+    inference_thread: Literal["auto", "true", "false"] = "auto"
     ort_intra_op_threads: int = Field(1, ge=0, le=256)
     ort_inter_op_threads: int = Field(1, ge=0, le=256)
     reload_poll_seconds: float = Field(5.0, ge=0)
@@ -145,6 +147,17 @@ class ServeSettings(ServiceSettings):
     @property
     def cors_origin_list(self) -> tuple[str, ...]:
         return split_origins(self.cors_origins)
+
+    @field_validator("inference_thread", mode="before")
+    @classmethod
+    def _auto_or_bool(cls, value: object) -> object:
+        """true/false in any of the spellings a boolean setting takes, or auto."""
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return "true"
+        if text in ("0", "false", "no", "off"):
+            return "false"
+        return text
 
     @field_validator("predlog_url")
     @classmethod

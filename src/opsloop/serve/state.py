@@ -221,7 +221,8 @@ def build_state(
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
     manager = ModelManager(
         source,
-        executor=executor if settings.inference_thread else None,
+        executor=None if settings.inference_thread == "false" else executor,
+        inline_when_faster=settings.inference_thread == "auto",
         metrics=metrics,
         tuning=SessionTuning(settings.ort_intra_op_threads, settings.ort_inter_op_threads),
         limits=BatchingLimits(settings.max_batch_size, settings.max_batch_wait_ms / 1000.0),
@@ -274,7 +275,8 @@ def candidate_manager(
         return None
     return ModelManager(
         source,
-        executor=executor if settings.inference_thread else None,
+        executor=None if settings.inference_thread == "false" else executor,
+        inline_when_faster=settings.inference_thread == "auto",
         metrics=metrics,
         tuning=SessionTuning(settings.ort_intra_op_threads, settings.ort_inter_op_threads),
         limits=BatchingLimits(settings.max_batch_size, settings.max_batch_wait_ms / 1000.0),
