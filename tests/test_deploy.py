@@ -144,7 +144,7 @@ def test_prometheus_config_is_valid() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "8 rules found" in result.stdout
+    assert "11 rules found" in result.stdout
     config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
     jobs = {job["job_name"] for job in config["scrape_configs"]}
     assert {"opsloop-api", "opsloop-monitor"} <= jobs

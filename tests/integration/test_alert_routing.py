@@ -3,9 +3,10 @@
 A real Prometheus (Debian's package) scrapes a small exporter on 127.0.0.1 that reports a
 champion's online accuracy far below its interval; a rule named like the repository's accuracy
 alert fires at once; a real Alertmanager, configured with deploy/alertmanager/alertmanager.yml
-(the loop's URL pointed at loopback), routes it to `opsloop loop serve`'s webhook; the loop records
-a decision on the "alert" trigger with the alert as its evidence. Skipped where the binaries are
-not installed (`.ci/run` installs them).
+(the loop's URL pointed at loopback), routes it to `opsloop loop serve`'s webhook with the loop's
+bearer token (without it the loop refuses the call); the loop records a decision on the "alert"
+trigger with the alert as its evidence. Skipped where the binaries are not installed (`.ci/run`
+installs them).
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ def test_an_accuracy_alert_reaches_the_loop(exporter: str, tmp_path: Path) -> No
     routing = yaml.safe_load((DEPLOY / "alertmanager" / "alertmanager.yml").read_text())
     [loop_receiver] = [r for r in routing["receivers"] if r["name"] == "opsloop-loop"]
     loop_receiver["webhook_configs"][0]["url"] = f"http://127.0.0.1:{loop_port}/alerts"
+    # The bearer token the webhook sends, as the loop is given it in the stack: with a token the
+    # loop refuses unauthenticated callers, even on loopback.
+    token = loop_receiver["webhook_configs"][0]["http_config"]["authorization"]["credentials"]
     (tmp_path / "alertmanager.yml").write_text(yaml.safe_dump(routing))
     (tmp_path / "rules.yml").write_text(
         yaml.safe_dump(
@@ -111,6 +115,7 @@ def test_an_accuracy_alert_reaches_the_loop(exporter: str, tmp_path: Path) -> No
         "OPSLOOP_LOOP_INTERVAL_SECONDS": "3600",
         "OPSLOOP_PREDLOG_URL": f"sqlite:///{tmp_path / 'predictions.db'}",
         "OPSLOOP_LOOP_OVERRIDES": f"data.processed_dir={tmp_path / 'processed'}",
+        "OPSLOOP_LOOP_TOKEN": token,
     }
     alertmanager = [
         "prometheus-alertmanager",
@@ -132,6 +137,7 @@ def test_an_accuracy_alert_reaches_the_loop(exporter: str, tmp_path: Path) -> No
         running(prometheus, tmp_path / "prometheus.log", {}) as scraper,
     ):
         loop.wait_for_http(f"{loop_url}/health")
+        assert httpx.post(f"{loop_url}/alerts", json={"alerts": []}).status_code == 401
         manager.wait_for_http(f"http://127.0.0.1:{alertmanager_port}/-/ready")
         scraper.wait_for_http(f"http://127.0.0.1:{prometheus_port}/-/ready")
         deadline = time.monotonic() + 120

@@ -51,6 +51,49 @@ def test_kubectl_gets_the_rendered_job(tmp_path: Path) -> None:
         KubernetesRunner(broken).start(13)
 
 
+def test_a_cronjob_template_is_read_from_the_cluster(tmp_path: Path) -> None:
+    # What `kubectl get cronjob/opsloop-retrain -o json` prints in a cluster: the CronJob as
+    # applied (the overlay's image), with the fields the server adds.
+    cronjob = yaml.safe_load(TEMPLATE.read_text())
+    cronjob["metadata"] |= {"namespace": "opsloop", "uid": "u-1", "resourceVersion": "42"}
+    [container] = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    container["image"] = "ghcr.io/opsloop/opsloop-train:0.1.0"
+    cronjob["status"] = {"lastScheduleTime": None}
+    calls = tmp_path / "calls"
+    kubectl = tmp_path / "kubectl"
+    kubectl.write_text(
+        f'#!/bin/sh\necho "$*" >> {calls}\n'
+        f'[ "$1" = get ] && cat {tmp_path / "cronjob.json"} && exit 0\n'
+        f"cat > {tmp_path / 'created.yaml'}\n"
+    )
+    kubectl.chmod(0o755)
+    (tmp_path / "cronjob.json").write_text(json.dumps(cronjob))
+    settings = load_loop_settings(
+        runner="kubernetes", kubectl=str(kubectl), job_template="cronjob/opsloop-retrain"
+    )
+    KubernetesRunner(settings).start(3)
+    assert calls.read_text().splitlines() == [
+        "get cronjob/opsloop-retrain --output json",
+        "create -f -",
+    ]
+    job = yaml.safe_load((tmp_path / "created.yaml").read_text())
+    assert job["kind"] == "Job"
+    assert job["metadata"]["name"] == "opsloop-retrain-run-3"
+    assert set(job["metadata"]) == {"name", "labels"}  # nothing the server owns
+    assert "status" not in job
+    [created] = job["spec"]["template"]["spec"]["containers"]
+    assert created["image"] == "ghcr.io/opsloop/opsloop-train:0.1.0"
+    assert created["args"] == ["loop", "retrain", "--run", "3"]
+    # Without the CronJob in the cluster, or without kubectl, the run fails saying why.
+    missing = tmp_path / "missing"
+    missing.write_text("#!/bin/sh\necho 'cronjobs \"opsloop-retrain\" not found' >&2\nexit 1\n")
+    missing.chmod(0o755)
+    with pytest.raises(ConfigError, match="not found; apply deploy/k8s's overlay"):
+        job_manifest(Path("cronjob/opsloop-retrain"), 4, str(missing))
+    with pytest.raises(ConfigError, match=r"cannot run .*OPSLOOP_LOOP_KUBECTL"):
+        job_manifest(Path("cronjob/opsloop-retrain"), 4, str(tmp_path / "no-kubectl"))
+
+
 def test_a_template_that_is_not_a_job_is_refused(tmp_path: Path) -> None:
     other = tmp_path / "deployment.yaml"
     other.write_text("kind: Deployment\nmetadata: {name: x}\n")

@@ -3,7 +3,8 @@
 The work is always the same command, `opsloop loop retrain --run N`, which reads and writes the
 run's row in the loop database; the runner only decides where it starts. `process` (the default)
 starts it beside the controller; `kubernetes` creates a Job from `OPSLOOP_LOOP_JOB_TEMPLATE` with
-kubectl (the retrain job of deploy/k8s), and `dispatch` posts a `repository_dispatch` event
+kubectl (the retrain job of deploy/k8s: a file, or `cronjob/NAME` to read the CronJob the cluster
+holds, as the overlay rendered it), and `dispatch` posts a `repository_dispatch` event
 (`opsloop-retrain`) that `.github/workflows/ct.yaml` answers. The last two need a shared loop
 database (PostgreSQL) for the remote run to report back.
 """
@@ -11,6 +12,7 @@ database (PostgreSQL) for the remote run to report back.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import subprocess
@@ -27,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 OPSLOOP = [sys.executable, "-c", "from opsloop.cli import main; raise SystemExit(main())"]
 DISPATCH_EVENT = "opsloop-retrain"
+# A job template named like this (and not a file) is read from the cluster with kubectl.
+CLUSTER_TEMPLATE_PREFIX = "cronjob/"
 
 
 def retrain_args(run_id: int) -> list[str]:
@@ -88,7 +92,7 @@ class KubernetesRunner:
         self.settings = settings
 
     def start(self, run_id: int) -> None:
-        manifest = job_manifest(self.settings.job_template, run_id)
+        manifest = job_manifest(self.settings.job_template, run_id, self.settings.kubectl)
         import yaml
 
         done = subprocess.run(
@@ -113,18 +117,49 @@ class KubernetesRunner:
         pass
 
 
-def job_manifest(template: Path, run_id: int) -> dict[str, Any]:
-    """The retrain Job of `template` (a Job, or the suspended CronJob whose job template it
-    uses), named for the run, its container running the work."""
+def read_job_template(template: Path, kubectl: str = "kubectl") -> Any:
+    """The template's document: the file `template`, or, for `cronjob/NAME` where no such file
+    exists, that CronJob as the cluster holds it (`kubectl get`: the image, namespace and
+    settings the overlay applied)."""
     import yaml
 
+    name = template.as_posix()
+    if name.startswith(CLUSTER_TEMPLATE_PREFIX) and not template.exists():
+        try:
+            done = subprocess.run(
+                [kubectl, "get", name, "--output", "json"],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=60,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ConfigError(
+                f"cannot run {kubectl} to read {name}: {first_line(exc)} (OPSLOOP_LOOP_KUBECTL)"
+            ) from exc
+        if done.returncode != 0:
+            raise ConfigError(
+                f"cannot read the retrain Job template {name} from the cluster: "
+                f"{first_line(RuntimeError(done.stderr or done.stdout))}; apply deploy/k8s's "
+                "overlay (it holds the CronJob) or set OPSLOOP_LOOP_JOB_TEMPLATE to a file"
+            )
+        try:
+            return json.loads(done.stdout)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"kubectl get {name} printed no JSON: {first_line(exc)}") from exc
     try:
-        document = yaml.safe_load(template.read_text())
+        return yaml.safe_load(template.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(
             f"cannot read the retrain Job template {template}: {first_line(exc)}; set "
             "OPSLOOP_LOOP_JOB_TEMPLATE to deploy/k8s's retrain job"
         ) from exc
+
+
+def job_manifest(template: Path, run_id: int, kubectl: str = "kubectl") -> dict[str, Any]:
+    """The retrain Job of `template` (a Job, or the suspended CronJob whose job template it
+    uses; see `read_job_template`), named for the run, its container running the work."""
+    document = read_job_template(template, kubectl)
     if not isinstance(document, dict) or document.get("kind") not in ("Job", "CronJob"):
         raise ConfigError(f"{template} is not a Kubernetes Job or CronJob manifest")
     if document["kind"] == "CronJob":
