@@ -680,7 +680,13 @@ def loop_run_command(
         if decision.run_id is not None:
             run = controller.history.get(decision.run_id)
             fields |= _describe_run(run)
-        title = "ran" if decision.run else ("would run (dry run)" if dry_run else "not running")
+        title = (
+            "ran"
+            if decision.run
+            else "would run (dry run)"
+            if decision.would_run
+            else "not running"
+        )
         print_fields(f"loop: {title}", fields)
     finally:
         controller.close()

@@ -97,6 +97,8 @@ def test_a_dry_run_records_what_it_would_do(settings: LoopSettings) -> None:
     decision = controller.step(Trigger(MANUAL, "try it"), dry_run=True)
     assert decision.run_id is not None
     assert controller.history.get(decision.run_id).state == "dry_run"
+    assert decision.would_run
+    assert not decision.run
     assert runner.started == []
     real = controller.step(Trigger(MANUAL, "now for real"))
     assert real.run
@@ -124,4 +126,11 @@ def test_nothing_fires_without_evidence(settings: LoopSettings) -> None:
     decision = controller.step()
     assert decision == decision.__class__(False, None, "nothing fired")
     assert controller.history.recent() == []
+    controller.close()
+
+
+def test_a_dry_run_with_nothing_fired_would_not_run(settings: LoopSettings) -> None:
+    controller = Controller(settings, NoRunner())
+    decision = controller.step(None, dry_run=True)
+    assert (decision.run, decision.would_run, decision.reason) == (False, False, "nothing fired")
     controller.close()

@@ -43,6 +43,7 @@ class Decision:
     trigger: Trigger | None
     reason: str
     run_id: int | None = None
+    would_run: bool = False  # a dry run that found everything in place to run
 
 
 def decide(
@@ -156,7 +157,7 @@ class Controller:
             if explicit or dry_run:
                 run_id = self.history.create(trigger.kind, reason, evidence_record, state)
                 self.history.update(run_id, finished_at=now, base_hash=evidence.base_hash)
-            return Decision(False, trigger, reason, run_id)
+            return Decision(False, trigger, reason, run_id, would_run=go)
         return self.launch(trigger, reason, evidence_record, evidence.base_hash, wait=wait)
 
     def launch(
