@@ -129,12 +129,12 @@ def measure(
         return outputs[PROBABILITIES], outputs[EMBEDDING]
 
     def predict(batch: npt.NDArray[np.float32]) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
-        """The outputs as the monitor reads them from the log: half precision, log basis."""
+        """The outputs as the monitor reads them from the log: the embedding in half precision
+        on the log basis."""
         probabilities, embeddings = whole(batch)
         if basis is not None:
             embeddings = basis.project(embeddings)
-        half = np.float16
-        return probabilities.astype(half).astype(np.float32), embeddings.astype(half)
+        return probabilities, embeddings.astype(np.float16).astype(np.float32)
 
     shipped = load_estimator(bundle.path / ESTIMATOR_FILE)
     pixel_max = bundle.manifest.preprocessing.pixel_max

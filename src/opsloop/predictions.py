@@ -82,7 +82,7 @@ requests = Table(
     Column("sample_rate", Float, nullable=False),
     Column("input_dtype", String(8), nullable=False),  # uint8 when lossless, else float32
     Column("input_shape", String(64), nullable=False),  # one example's, JSON, e.g. [1, 8, 8]
-    Column("output_dtype", String(8), nullable=False),  # of probabilities and embedding, "<f2"
+    Column("embedding_dtype", String(8), nullable=False),  # "<f2"; probabilities are float32
     Index("ix_prediction_requests_created_at", "created_at"),
 )
 # One row per example, keyed by (request, item) and stored in that order (no rowid on SQLite).
@@ -92,9 +92,10 @@ items = Table(
     Column("request", Integer, primary_key=True, autoincrement=False),
     Column("item", Integer, primary_key=True, autoincrement=False),  # the row in its request
     Column("input", LargeBinary, nullable=False),  # the example exactly as the model saw it
-    Column("probabilities", LargeBinary, nullable=False),
-    # The embedding in the bundle's log basis (its leading principal components), or whole
-    # when the bundle has no basis: what drift detection and the estimate need, compactly.
+    Column("probabilities", LargeBinary, nullable=False),  # float32
+    # The embedding, in half precision, in the bundle's log basis (its leading principal
+    # components) or whole when the bundle has no basis: what drift detection and the estimate
+    # need, compactly.
     Column("embedding", LargeBinary, nullable=False),
     Column("label", Integer, nullable=False),  # what the model predicted (the argmax)
     sqlite_with_rowid=False,
@@ -309,7 +310,7 @@ def _legacy_request(row: Any, request: int) -> dict[str, Any]:
         "sample_rate": 1.0,
         "input_dtype": row.input_dtype,
         "input_shape": _item_shape(row.input_shape),
-        "output_dtype": "<f4",
+        "embedding_dtype": "<f4",
     }
 
 
@@ -492,8 +493,8 @@ def _decoded(rows: Sequence[Any]) -> LoggedPredictions:
         roles=[row.role for row in rows],
         endpoints=[row.endpoint for row in rows],
         inputs=[decode_input(row.input, row.input_dtype, row.input_shape) for row in rows],
-        probabilities=_stack([(row.probabilities, row.output_dtype) for row in rows]),
-        embeddings=_stack([(row.embedding, row.output_dtype) for row in rows]),
+        probabilities=_stack([(row.probabilities, "<f4") for row in rows]),
+        embeddings=_stack([(row.embedding, row.embedding_dtype) for row in rows]),
         labels=np.array([row.label for row in rows], dtype=np.int64),
         latency_ms=np.array([row.latency_ms for row in rows], dtype=np.float64),
         true_labels=np.array([row.true_label for row in rows], dtype=np.int64),

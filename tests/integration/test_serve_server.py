@@ -396,10 +396,7 @@ def test_prediction_log_matches_requests_and_survives_a_restart(tmp_path: Path) 
     }
     for position, request_id in enumerate(logged.request_ids):
         np.testing.assert_allclose(logged.inputs[position], sent[request_id], rtol=1e-6)
-        # The log keeps outputs in half precision.
-        np.testing.assert_allclose(
-            logged.probabilities[position], answers[request_id], rtol=1e-3, atol=1e-4
-        )
+        np.testing.assert_allclose(logged.probabilities[position], answers[request_id], atol=1e-7)
         assert logged.model_versions[position] == "1"
         assert logged.labels[position] == int(np.argmax(answers[request_id]))
 

@@ -138,3 +138,39 @@ def test_an_empty_log_is_a_clear_error(log_url: str) -> None:
         pass
     with pytest.raises(EmptyWindowError, match="has no predictions; send traffic"):
         window_from_log(log_url, last=10)
+
+
+def test_a_confident_models_clean_answers_are_not_drift_after_the_log(log_url: str) -> None:
+    """The log keeps probabilities exactly: a model whose answers crowd just below 1 (where half
+    precision rounds them all to 1) is compared with its reference like with like."""
+    from opsloop.monitor.report import detect_drift
+    from opsloop.serve.journal import LogRecord
+
+    rng = np.random.default_rng(0)
+
+    def answers(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        images = rng.integers(0, 17, (n, 1, 8, 8)).astype(np.float32)
+        logits = rng.normal(size=(n, 10)) + 12.0 * np.eye(10)[rng.integers(0, 10, n)]
+        probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        return images, probabilities.astype(np.float32), rng.normal(size=(n, 32)).astype(np.float32)
+
+    reference = ReferenceData.from_arrays(*answers(400), pixel_max=16.0)
+    assert np.median(reference.probabilities.max(axis=1)) > 0.9999  # rounds to 1 in float16
+    images, probabilities, embeddings = answers(200)
+    with prediction_log(log_url, flush_interval_s=0.01) as log:
+        for row in range(200):
+            log.append(
+                LogRecord(
+                    request_id=f"r{row}",
+                    created_at=time.time(),
+                    endpoint="infer",
+                    model_name="digits",
+                    model_version="1",
+                    inputs=images[row : row + 1],
+                    probabilities=probabilities[row : row + 1],
+                    embedding=embeddings[row : row + 1],
+                    latency_ms=1.0,
+                )
+            )
+    report = detect_drift(reference, window_from_log(log_url, last=200))
+    assert "softmax" not in report.fired

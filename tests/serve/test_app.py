@@ -143,8 +143,7 @@ async def test_every_prediction_is_logged_as_the_model_saw_it(
     for item in range(5):
         np.testing.assert_allclose(logged.inputs[item], pixels[item], rtol=1e-6)
     probabilities = np.array(infer.json()["outputs"][0]["data"], np.float32).reshape(5, 10)
-    # Kept in half precision: three significant digits.
-    np.testing.assert_allclose(logged.probabilities[:5], probabilities, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(logged.probabilities[:5], probabilities, rtol=1e-6)
     assert logged.labels[:5].tolist() == infer.json()["outputs"][1]["data"]
     assert logged.embeddings.shape == (6, 16)
     assert (logged.latency_ms > 0).all()

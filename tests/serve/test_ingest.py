@@ -31,14 +31,14 @@ def test_one_request_row_and_one_item_row_per_example() -> None:
     assert request["id"] == 41
     assert request["request_id"] == "r1"  # once for the request, not per example
     assert (request["input_shape"], request["input_dtype"]) == ("[1,8,8]", "float32")
-    assert request["output_dtype"] == "<f2"
+    assert request["embedding_dtype"] == "<f2"
     assert request["sample_rate"] == 1.0
     examples = [dict(zip(ITEM_COLUMNS, row, strict=True)) for row in rows.items]
     assert [(row["request"], row["item"]) for row in examples] == [(41, 0), (41, 1), (41, 2)]
     for row, probabilities, inputs in zip(examples, item.probabilities, item.inputs, strict=True):
         assert row["label"] == int(probabilities.argmax())
-        stored = np.frombuffer(row["probabilities"], dtype="<f2")
-        np.testing.assert_allclose(stored, probabilities, rtol=1e-3, atol=1e-4)  # half precision
+        stored = np.frombuffer(row["probabilities"], dtype="<f4")
+        np.testing.assert_array_equal(stored, probabilities)  # exactly: drift tests read them
         np.testing.assert_array_equal(
             decode_input(row["input"], request["input_dtype"], request["input_shape"]), inputs
         )

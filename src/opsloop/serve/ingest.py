@@ -72,9 +72,11 @@ RETRY_SECONDS = (0.1, 0.5, 1.0, 2.0, 5.0)
 Row = tuple[Any, ...]
 REQUEST_COLUMNS = tuple(column.name for column in requests.columns)
 ITEM_COLUMNS = tuple(column.name for column in items.columns)
-# Probabilities and embeddings are stored in half precision: 3 significant digits are more than
-# the drift tests and the estimate resolve, and half the bytes (docs/serving.md measures it).
-OUTPUT_DTYPE = "<f2"
+# Probabilities keep single precision: a confident model's answers crowd just below 1, where half
+# precision rounds them all to exactly 1 and the drift tests would see a shift that is not there.
+# Embedding coordinates (spread over several units) lose nothing that matters in half precision.
+PROBABILITIES_DTYPE = "<f4"
+EMBEDDING_DTYPE = "<f2"
 # Rows per multi-row INSERT: 256 x 12 parameters stays far below SQLite's limit of 32766.
 MULTIROW_CHUNK = 256
 
@@ -119,8 +121,8 @@ def _add_run(rows: Rows, run: Sequence[LogRecord], first_id: int) -> None:
     compact, dtype = compact_input(inputs)
     shape = orjson.dumps(inputs.shape[1:]).decode()
     input_bytes = _row_slices(compact, count)
-    probability_bytes = _row_slices(np.ascontiguousarray(probabilities, OUTPUT_DTYPE), count)
-    embedding_bytes = _row_slices(np.ascontiguousarray(embedding, OUTPUT_DTYPE), count)
+    probability_bytes = _row_slices(np.ascontiguousarray(probabilities, PROBABILITIES_DTYPE), count)
+    embedding_bytes = _row_slices(np.ascontiguousarray(embedding, EMBEDDING_DTYPE), count)
     labels = probabilities.argmax(axis=1).tolist()
     index = 0
     for number, record in enumerate(run):
@@ -138,7 +140,7 @@ def _add_run(rows: Rows, run: Sequence[LogRecord], first_id: int) -> None:
                 record.sample_rate,
                 dtype,
                 shape,
-                OUTPUT_DTYPE,
+                EMBEDDING_DTYPE,
             )
         )
         for item in range(len(record.inputs)):
