@@ -157,6 +157,12 @@ def largest_difference(first: list[Cell], second: list[Cell]) -> float:
     return max(abs(a.rate - b.rate) for a, b in zip(first, second, strict=True))
 
 
+def difference_sentence(largest: float) -> str:
+    if largest == 0:
+        return "the flag rates are the same in every cell."
+    return f"the flag rates differ by at most {largest:.0%} in any cell."
+
+
 def table(cells: list[Cell], meta: dict[str, Any]) -> str:
     """The markdown tables for the docs: detection rate per shift and size, then per detector."""
     by_key = {(c.shift, c.n): c for c in cells}
@@ -169,8 +175,7 @@ def table(cells: list[Cell], meta: dict[str, Any]) -> str:
         "",
         "Windows hold the outputs as the prediction log keeps them: embeddings as half-precision "
         "coordinates on the bundle's log basis. Run on the whole float32 outputs instead, "
-        "the flag rates differ by at most "
-        f"{meta['whole_vs_logged_max_difference']:.0%} in any cell.",
+        + difference_sentence(meta["whole_vs_logged_max_difference"]),
         "",
         "| shift | goal | " + " | ".join(f"n = {n}" for n in SIZES) + " |",
         "|---|---|" + "---:|" * len(SIZES),
