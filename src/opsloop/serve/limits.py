@@ -12,7 +12,8 @@ gives uvicorn a subclass of its httptools protocol (the one `uvicorn[standard]` 
   closed; the app sees the client leave and the request is counted as a 408 in `/metrics`.
 
 A timer is armed only while a request is incomplete after a read, so a request that arrives in
-one piece costs none. uvicorn's internals are used here and nowhere else, so an upstream change
+one piece costs none. The protocol also writes each answer in one send (`transport`).
+uvicorn's internals are used here and nowhere else, so an upstream change
 is a one-file fix; `tests/integration/test_serve_limits.py` checks them against the real thing.
 """
 
@@ -27,6 +28,7 @@ from typing import Any, ClassVar, cast
 import orjson
 
 from opsloop.serve.middleware import TIMED_OUT_KEY
+from opsloop.serve.transport import CoalescingTransport
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +68,8 @@ def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
             self.body_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
+            # A response's head and body in one send (see `transport`).
+            super().connection_made(CoalescingTransport(transport, self.loop))
             # uvicorn arms no timer until a first response: a silent client would stay forever.
             self.header_timer = self.loop.call_later(
                 self.settings.header_timeout_s, self.header_timed_out
