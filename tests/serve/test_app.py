@@ -57,21 +57,30 @@ async def test_the_poller_follows_the_bundle_path(
 async def test_requests_in_flight_during_a_swap_all_succeed(
     client: httpx.AsyncClient, tiny_bundle: Path, pixels: npt.NDArray[np.float32]
 ) -> None:
-    async def hammer(n: int) -> list[str]:
-        versions = []
-        for _ in range(n):
+    swapped = asyncio.Event()
+
+    async def hammer() -> list[str]:
+        """Requests until five have been answered after the reload returned."""
+        versions, after_swap = [], 0
+        while after_swap < 5:
             response = await client.post(INFER, json=infer_body(pixels[:1]))
             assert response.status_code == 200
             versions.append(response.json()["model_version"])
+            after_swap += swapped.is_set()
         return versions
 
     async def swap() -> None:
-        await asyncio.sleep(0.05)
-        write_bundle(tiny_bundle, version="2", seed=1)
-        reload = await client.post("/admin/reload", headers={"authorization": f"Bearer {TOKEN}"})
-        assert reload.status_code == 200
+        try:
+            await asyncio.sleep(0.05)
+            write_bundle(tiny_bundle, version="2", seed=1)
+            reload = await client.post(
+                "/admin/reload", headers={"authorization": f"Bearer {TOKEN}"}
+            )
+            assert reload.status_code == 200
+        finally:
+            swapped.set()
 
-    results = await asyncio.gather(*(hammer(40) for _ in range(8)), swap())
+    results = await asyncio.gather(*(hammer() for _ in range(8)), swap())
     versions = [v for result in results[:-1] for v in result]
     assert set(versions) == {"1", "2"}
     assert versions[-1] == "2"

@@ -18,9 +18,10 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from opsloop import __version__
-from opsloop.serve.cors import add_cors
+from opsloop.serve.cors import with_cors
 from opsloop.serve.fastpath import InferFastPath
 from opsloop.serve.middleware import CLIENT_GONE, UNMATCHED, CountRequests, RecordStatus
 from opsloop.serve.openapi import install_openapi
@@ -38,7 +39,7 @@ def create_app(
     *,
     source: ModelSource | None = None,
     candidate: ModelSource | None = None,
-) -> FastAPI:
+) -> ServeApp:
     """The serving app for `settings` (default: the environment's); `source` and `candidate`
     override where the champion and the candidate (shadow/canary) come from."""
     settings = settings or get_settings()
@@ -56,7 +57,7 @@ def create_app(
         finally:
             await state.close()  # every queued request is answered, then everything is logged
 
-    app = FastAPI(
+    app = ServeApp(
         title="opsloop inference API",
         version=__version__,
         description="Open Inference Protocol (KServe V2) over an ONNX model bundle, plus "
@@ -67,14 +68,36 @@ def create_app(
     app.state.serve = state  # what `get_state` hands the routes
     add_exception_handlers(app, state)
     app.include_router(router)
-    # The last added runs first: count every request, answer infer calls, then FastAPI's routing.
-    app.add_middleware(RecordStatus)
-    app.add_middleware(InferFastPath, state=state)
-    app.add_middleware(CountRequests, metrics=state.metrics)
-    # Outermost, and only with an allowlist: preflights are answered before anything counts them.
-    add_cors(app, settings.cors_origin_list)
+    app.add_middleware(RecordStatus)  # the status of what FastAPI's routes answer, for counting
+    # In front of FastAPI: count every request, answer infer calls, pass the rest to FastAPI;
+    # outermost, and only with an allowlist, CORS: preflights are answered before anything counts.
+    app.front = with_cors(
+        CountRequests(InferFastPath(app.through_fastapi, state), state.metrics),
+        settings.cors_origin_list,
+    )
     install_openapi(app, lambda: state.manager.current.signature if state.manager.current else None)
     return app
+
+
+class ServeApp(FastAPI):
+    """FastAPI with opsloop's own ASGI layers (`front`) in front of its middleware stack.
+
+    Starlette wraps every middleware added to an app in its error middleware and a `send`
+    wrapper; the infer fast path handles its own errors, so it runs outside them and an infer
+    call costs no more framework layers than it needs. `front` ends in `through_fastapi`.
+    """
+
+    front: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.front is None:
+            await self.through_fastapi(scope, receive, send)
+        else:
+            await self.front(scope, receive, send)
+
+    async def through_fastapi(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """FastAPI itself: its middleware stack and routes."""
+        await super().__call__(scope, receive, send)
 
 
 def add_exception_handlers(app: FastAPI, state: AppState) -> None:

@@ -11,8 +11,8 @@ allowlist, Starlette's CORSMiddleware answers the preflights and adds the CORS h
 
 from __future__ import annotations
 
-from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp
 
 from opsloop.serve.protocol import HEADER_LENGTH, RequestError
 
@@ -36,12 +36,12 @@ def check_origin(origin: str | None, host: str | None, allowed: tuple[str, ...])
     )
 
 
-def add_cors(app: FastAPI, origins: tuple[str, ...]) -> None:
-    """Answer preflights and add CORS headers for `origins`; nothing at all when it is empty."""
+def with_cors(app: ASGIApp, origins: tuple[str, ...]) -> ASGIApp:
+    """`app` answering preflights and adding CORS headers for `origins`; as it is without any."""
     if not origins:
-        return
-    app.add_middleware(
-        CORSMiddleware,
+        return app
+    return CORSMiddleware(
+        app,
         allow_origins=list(origins),
         allow_methods=["GET", "POST"],
         allow_headers=ALLOWED_HEADERS,

@@ -144,6 +144,7 @@ class ServeMetrics:
         self._request_children: dict[tuple[str, int], Any] = {}
         self._latency_children: dict[str, Any] = {}
         self._class_children: dict[str, Any] = {}
+        self._routed_children: dict[str, Any] = {}
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         key = (endpoint, status)
@@ -164,16 +165,27 @@ class ServeMetrics:
         self, probabilities: npt.NDArray[np.float32], class_names: Sequence[str]
     ) -> None:
         """Count predicted classes and record each prediction's confidence."""
-        labels = probabilities.argmax(axis=1)
-        for label, confidence in zip(
-            labels.tolist(), probabilities.max(axis=1).tolist(), strict=True
-        ):
+        if len(probabilities) == 1:  # one image per request, the usual case: numpy costs more
+            row = probabilities[0].tolist()
+            confidences = [max(row)]
+            labels = [row.index(confidences[0])]  # the first maximum, as argmax picks
+        else:
+            labels = probabilities.argmax(axis=1).tolist()
+            confidences = probabilities.max(axis=1).tolist()
+        for label, confidence in zip(labels, confidences, strict=True):
             name = class_names[label]
             child = self._class_children.get(name)
             if child is None:
                 child = self._class_children[name] = self.predictions.labels(name)
             child.inc()
             self.confidence.observe(confidence)
+
+    def observe_routed(self, role: str) -> None:
+        """One request answered by `role` (champion, or a canary)."""
+        child = self._routed_children.get(role)
+        if child is None:
+            child = self._routed_children[role] = self.routed.labels(role)
+        child.inc()
 
     def reject(self, endpoint: str, reason: str) -> None:
         self.rejected.labels(endpoint, reason).inc()

@@ -127,7 +127,7 @@ class AppState:
         """Journal an answered prediction (one `write`) and count it in the metrics."""
         probabilities, embedding = outputs
         self.metrics.observe_predictions(probabilities, served.signature.class_names)
-        self.metrics.routed.labels(role).inc()
+        self.metrics.observe_routed(role)
         rate = self.settings.predlog_sample
         if rate < 1.0 and random.random() >= rate:  # sampled out: not logged, not shadowed
             self.metrics.predlog_unsampled_rows.inc(len(pixels))
