@@ -164,3 +164,16 @@ def test_fsync_mode_writes_the_same_frames(tmp_path: Path) -> None:
     writer.close()
     (segment,) = list_segments(tmp_path)
     assert_same(next(iter_records(segment)), record("durable"))
+
+
+def test_several_records_in_one_write_read_back_in_order(tmp_path: Path) -> None:
+    writer = JournalWriter(tmp_path)
+    writer.open()
+    batch = [record("a"), record("bb", rows=2), record("ccc")]
+    assert writer.append_many(batch)
+    writer.close()
+    (segment,) = list_segments(tmp_path)
+    read = list(iter_records(segment))
+    assert [r.request_id for r in read] == ["a", "bb", "ccc"]
+    for written, back in zip(batch, read, strict=True):
+        assert_same(written, back)

@@ -65,13 +65,17 @@ class MicroBatcher:
         Queuing happens before the first await, so a caller that just looked up the current
         model is guaranteed to be served by it even if the model is swapped right after.
         """
+        return await self.submit(rows)
+
+    def submit(self, rows: Array) -> asyncio.Future[tuple[Array, ...]]:
+        """Queue `rows` now; the future of their outputs (for callers that need no coroutine)."""
         if self._closing:
             raise BatcherClosedError("the model is being replaced; retry the request")
         future: asyncio.Future[tuple[Array, ...]] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(rows, future))
         self._queued_rows += len(rows)
         self._wakeup.set()
-        return await future
+        return future
 
     async def close(self) -> None:
         """Stop taking requests, finish every queued one, then stop the worker."""

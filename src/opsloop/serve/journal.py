@@ -30,7 +30,7 @@ import struct
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -250,12 +250,20 @@ class JournalWriter:
 
     def append(self, record: LogRecord) -> bool:
         """Write one record; False (and counted as dropped) when the journal is full."""
+        return self.append_many((record,))
+
+    def append_many(self, records: Sequence[LogRecord]) -> bool:
+        """Write `records` in one `write`; False (all counted as dropped) when it is full."""
         if self._fd is None:
             raise RuntimeError("the journal is not open")
         if self._size >= self.segment_bytes and not self._rotate():
-            self._drop(len(record.inputs))
+            self._drop(sum(len(record.inputs) for record in records))
             return False
-        frame = encode_record(record)
+        frame = (
+            encode_record(records[0])
+            if len(records) == 1
+            else b"".join(map(encode_record, records))
+        )
         written = os.write(self._fd, frame)
         if written != len(frame):  # a full disk mid-frame: the ingester skips the torn tail
             self._size = self.segment_bytes  # move on to a fresh segment next time

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,10 @@ class PredictionLog:
         """Write one request's predictions to the journal (a `write(2)`; never waits on SQL)."""
         self.writer.append(record)
 
+    def append_many(self, records: Sequence[LogRecord]) -> None:
+        """Write several requests' predictions in one `write(2)`."""
+        self.writer.append_many(records)
+
     def close(self, timeout: float = 30.0) -> None:
         """Seal the journal; in process, write everything to the database before returning."""
         self.writer.close()
@@ -116,6 +120,9 @@ class NullPredictionLog(PredictionLog):
         pass
 
     def append(self, record: LogRecord) -> None:
+        pass
+
+    def append_many(self, records: Sequence[LogRecord]) -> None:
         pass
 
     def close(self, timeout: float = 30.0) -> None:

@@ -10,6 +10,7 @@ runs the candidate in shadow off the response path (`shadow`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -23,6 +24,7 @@ import numpy.typing as npt
 from fastapi import Request
 
 from opsloop.predictions import CANARY_ROLE, CHAMPION_ROLE, SHADOW_ROLE
+from opsloop.serve.batching import BatcherClosedError
 from opsloop.serve.feedback import FeedbackStore, NullFeedbackStore
 from opsloop.serve.manager import BatchingLimits, ModelManager, ServedModel
 from opsloop.serve.metrics import ServeMetrics
@@ -47,7 +49,8 @@ class AppState:
     feedback: FeedbackStore = field(default_factory=NullFeedbackStore)
     candidate: ModelManager | None = None  # shadow / canary; None when both are off
     _shadow_pending: int = field(default=0, init=False)
-    _shadow_tasks: set[asyncio.Task[None]] = field(default_factory=set, init=False)
+    _shadow_futures: set[asyncio.Future[Any]] = field(default_factory=set, init=False)
+    _shadow_records: list[LogRecord] = field(default_factory=list, init=False)
 
     async def start(self) -> None:
         """Open the log and the label store, load the champion (and the candidate)."""
@@ -68,8 +71,9 @@ class AppState:
         await self.manager.close()
         if self.candidate is not None:
             await self.candidate.close()
-        if self._shadow_tasks:
-            await asyncio.gather(*self._shadow_tasks, return_exceptions=True)
+        if self._shadow_futures:
+            await asyncio.gather(*self._shadow_futures, return_exceptions=True)
+        self._write_shadow_records()
         await asyncio.to_thread(self.predlog.close)
         await asyncio.to_thread(self.feedback.close)
         self.executor.shutdown(wait=True)
@@ -153,9 +157,10 @@ class AppState:
     def shadow(self, request_id: str, endpoint: str, pixels: npt.NDArray[np.float32]) -> None:
         """Run the candidate on the same rows later, off the response path, and log its answer.
 
-        The work goes on the candidate's own micro-batcher (shadow requests batch together) in
-        a task the response never waits for; past `shadow_max_pending_rows` rows waiting it is
-        skipped and counted instead, so a slow candidate cannot slow the champion's answers.
+        The rows go on the candidate's own micro-batcher (shadow requests batch together) with a
+        callback, not a task: the response never waits for it. Past `shadow_max_pending_rows`
+        rows waiting it is skipped and counted instead, so a slow candidate cannot slow the
+        champion's answers. The answers of one candidate batch reach the journal in one write.
         """
         candidate = self.candidate.current if self.candidate is not None else None
         if candidate is None or candidate.signature.item_shape != tuple(pixels.shape[1:]):
@@ -164,31 +169,38 @@ class AppState:
         if self._shadow_pending + rows > self.settings.shadow_max_pending_rows:
             self.metrics.shadow_rows.labels("skipped").inc(rows)
             return
+        try:
+            future = candidate.batcher.submit(pixels)
+        except BatcherClosedError:  # the candidate is being swapped: skip, never raise
+            self.metrics.shadow_rows.labels("failed").inc(rows)
+            return
         self._shadow_pending += rows
-        task = asyncio.get_running_loop().create_task(
-            self._run_shadow(candidate, request_id, endpoint, pixels)
+        self._shadow_futures.add(future)
+        future.add_done_callback(
+            functools.partial(
+                self._shadow_answered, candidate, request_id, endpoint, pixels, time.perf_counter()
+            )
         )
-        self._shadow_tasks.add(task)
-        task.add_done_callback(self._shadow_tasks.discard)
 
-    async def _run_shadow(
+    def _shadow_answered(
         self,
         candidate: ServedModel,
         request_id: str,
         endpoint: str,
         pixels: npt.NDArray[np.float32],
+        started: float,
+        future: asyncio.Future[tuple[npt.NDArray[Any], ...]],
     ) -> None:
-        started = time.perf_counter()
-        try:
-            outputs = await candidate.batcher.predict(pixels)
-        except Exception as exc:  # e.g. the candidate is being swapped: skip, never raise
+        self._shadow_futures.discard(future)
+        self._shadow_pending -= len(pixels)
+        if future.cancelled() or future.exception() is not None:
             self.metrics.shadow_rows.labels("failed").inc(len(pixels))
-            logger.debug("shadow run of %s failed: %s", request_id, exc)
+            logger.debug("shadow run of %s failed: %s", request_id, future)
             return
-        finally:
-            self._shadow_pending -= len(pixels)
-        probabilities, embedding = outputs
-        self.predlog.append(
+        probabilities, embedding = future.result()
+        if not self._shadow_records:  # the first answer of this batch: write them all after it
+            asyncio.get_running_loop().call_soon(self._write_shadow_records)
+        self._shadow_records.append(
             LogRecord(
                 request_id=request_id,
                 created_at=time.time(),
@@ -203,7 +215,12 @@ class AppState:
                 sample_rate=self.settings.predlog_sample,
             )
         )
-        self.metrics.shadow_rows.labels("logged").inc(len(pixels))
+
+    def _write_shadow_records(self) -> None:
+        records, self._shadow_records = self._shadow_records, []
+        if records:
+            self.predlog.append_many(records)
+            self.metrics.shadow_rows.labels("logged").inc(sum(len(r.inputs) for r in records))
 
 
 def canary_bucket(request_id: str) -> float:
