@@ -4,8 +4,9 @@
     .venv/bin/python benchmarks/serve.py --shape 1x28x28 --duration 5 --write-docs
 
 Targets, each loaded by `wrk` (a separate process, POSTing the same V2 JSON body) at concurrency
-1, 8, 32 and 64 — all three servers run side by side and the cells interleave, so background load
-on the machine hits them alike:
+1, 8, 32 and 64 — all the servers run side by side and the cells interleave, so background load
+on the machine hits them alike; each cell starts once the machine is idle (the previous cell's
+log ingestion done):
 
   (a) reference: FastAPI `def` endpoint + pydantic request model + one PyTorch forward per request,
       one uvicorn worker (the pattern courses teach; the baseline for every ratio);
@@ -319,6 +320,27 @@ def to_ms(value: str) -> float:
     return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
 
 
+def busy_share(window: float) -> float:
+    """The share of all CPUs' time spent busy over the next `window` seconds (from /proc/stat)."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields), idle
+
+    total0, idle0 = sample()
+    time.sleep(window)
+    total1, idle1 = sample()
+    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def wait_until_idle(threshold: float = 0.1, timeout: float = 120.0) -> None:
+    """Wait until the machine is mostly idle (at most `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
+    while busy_share(0.5) > threshold and time.monotonic() < deadline:
+        pass
+
+
 def batch_stats(url: str) -> tuple[float, float]:
     import httpx
 
@@ -405,6 +427,8 @@ def run(shape: tuple[int, int, int], duration: float, workdir: Path) -> list[Cel
                 ("fsync", "(f) (d) + the journal fsynced per request"),
             ):
                 ours = name in ("opsloop", "shadow", "fsync")
+                # The previous cell's ingester may still be writing its log: not this cell's cost.
+                wait_until_idle()
                 before = batch_stats(urls[name]) if ours else (0.0, 0.0)
                 rate, p50, p99, errors = wrk(urls[name] + infer, script, concurrency, duration)
                 cell = Cell(label, concurrency, rate, p50, p99, errors)

@@ -45,6 +45,7 @@ HINTS = COMMON_HINTS | {
     "reload_poll_seconds": "use 0 (never poll) or a positive number of seconds",
     "canary_fraction": "use a fraction of requests from 0 (off) to 1",
     "shadow_max_pending_rows": "use 1 or more rows",
+    "shadow_batch_wait_ms": "use 0 (only batch what is already queued) up to 1000",
     "inference_thread": "use auto, true or false",
     "max_header_bytes": "use a byte count of at least 1024 (all request headers together)",
     "header_timeout_s": "use a positive number of seconds",
@@ -111,6 +112,10 @@ class ServeSettings(ServiceSettings):
     # Shadow work waiting for the candidate beyond this many rows is skipped (and counted), so
     # a slow candidate can never slow the answers down or grow memory without bound.
     shadow_max_pending_rows: int = Field(1024, ge=1)
+    # Shadow rows wait up to this long to batch with others (nobody waits for their answers, and
+    # a full batch costs the model far less per row than one row does). Shadow only: a canary's
+    # requests are answered by the candidate and batch like the champion's.
+    shadow_batch_wait_ms: float = Field(5.0, ge=0, le=1000)
     access_log: bool = False
     # ONNX Runtime runs in a thread beside the event loop (true), or on the loop itself (false:
     # no thread hand-off per batch, but the loop waits while the model runs). auto: on the loop

@@ -290,13 +290,16 @@ def candidate_manager(
     """The candidate's manager (on the same inference thread), when shadow or canary is on."""
     if source is None:
         return None
+    wait_ms = settings.max_batch_wait_ms
+    if settings.canary_fraction == 0:  # shadow only: nobody waits for the candidate's answers
+        wait_ms = max(wait_ms, settings.shadow_batch_wait_ms)
     return ModelManager(
         source,
         executor=None if settings.inference_thread == "false" else executor,
         inline_when_faster=settings.inference_thread == "auto",
         metrics=metrics,
         tuning=SessionTuning(settings.ort_intra_op_threads, settings.ort_inter_op_threads),
-        limits=BatchingLimits(settings.max_batch_size, settings.max_batch_wait_ms / 1000.0),
+        limits=BatchingLimits(settings.max_batch_size, wait_ms / 1000.0),
         candidate=True,
     )
 
