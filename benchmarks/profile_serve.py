@@ -46,6 +46,7 @@ CATEGORIES = (
     ("response encode (tensor -> JSON)", r"encode_infer_response|output_tensors|encode_"),
     ("request ids (os.urandom)", r"\(random\.py|\(secrets\.py"),
     ("micro-batcher and its thread hand-off", r"concurrent/futures/|batching\.py|run_in_executor"),
+    ("HTTP response write (the socket send)", r"\(opsloop/serve/transport\.py"),
     ("opsloop request path (other)", r"\(opsloop/serve/"),
     ("HTTP (uvicorn, httptools)", r"\(uvicorn/|httptools"),
     ("event loop (uvloop, in C)", r"\(asyncio/"),
