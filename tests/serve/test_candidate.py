@@ -128,3 +128,24 @@ async def test_without_a_loadable_candidate_the_champion_answers_everything(
         response = await client.post(INFER, json=infer_body(pixels[:1]))
         assert response.status_code == 200
         assert response.json()["model_version"] == "1"
+
+
+def test_shadow_rows_wait_to_batch_and_a_canary_does_not(
+    tmp_path: Path, tiny_bundle: Path, candidate_bundle: Path
+) -> None:
+    """Nobody waits for a shadow answer, so its rows wait to batch; a canary's are answers."""
+
+    def candidate_wait(**overrides: object) -> float:
+        settings = make_settings(
+            tmp_path,
+            tiny_bundle,
+            candidate_bundle_path=candidate_bundle,
+            shadow_batch_wait_ms=7,
+            **overrides,
+        )
+        candidate = create_app(settings).state.serve.candidate
+        assert candidate is not None
+        return float(candidate.limits.max_wait_s)
+
+    assert candidate_wait(shadow=True) == pytest.approx(0.007)
+    assert candidate_wait(canary_fraction=0.5, max_batch_wait_ms=1) == pytest.approx(0.001)
