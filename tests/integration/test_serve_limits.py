@@ -15,7 +15,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -204,10 +203,9 @@ def test_a_large_decode_does_not_stall_the_other_requests(served: Served) -> Non
                 pings.append(time.perf_counter() - started)
                 time.sleep(0.01)
 
-    def upload(_: int) -> float:
+    def upload(client: httpx.Client) -> float:
         started = time.perf_counter()
-        with httpx.Client(base_url=served.url, timeout=60) as client:
-            response = client.post("/predict", files={"file": ("big.png", image)})
+        response = client.post("/predict", files={"file": ("big.png", image)})
         assert response.status_code == 200, response.text
         return time.perf_counter() - started
 
@@ -215,14 +213,17 @@ def test_a_large_decode_does_not_stall_the_other_requests(served: Served) -> Non
     pinger.start()
     try:
         time.sleep(0.3)
-        with ThreadPoolExecutor(2) as pool:
-            uploads = list(pool.map(upload, range(2)))
+        with httpx.Client(base_url=served.url, timeout=60) as client:
+            uploads = [upload(client) for _ in range(4)]
         time.sleep(0.1)
     finally:
         stop.set()
         pinger.join()
-    # On the event loop each decode would hold every ping for its whole duration.
-    assert max(pings) < max(uploads) / 2, (max(pings), uploads)
+    # On the event loop each decode would hold the ping sent meanwhile for most of its length:
+    # one long ping per upload. One long ping alone is a loaded machine's scheduling hiccup
+    # (seen once in CI: a 1.1 s ping, longer than any upload), not a decode.
+    stalled = [seconds for seconds in pings if seconds > min(uploads) / 2]
+    assert len(stalled) <= 1, (stalled, uploads)
 
 
 def metrics(served: Served) -> str:
