@@ -1,4 +1,4 @@
-"""The coalescing transport: one write per loop iteration, nothing lost on close, on a real
+"""The coalescing transport: a head and its body in one write, nothing lost on close, on a real
 socket pair (what the peer receives) and against a recording transport (how many writes)."""
 
 from __future__ import annotations
@@ -32,20 +32,29 @@ class Recording(asyncio.Transport):
         self.aborted = True
 
 
-def test_writes_of_one_iteration_leave_in_one_write() -> None:
-    async def scenario() -> list[bytes]:
+def test_a_head_and_its_body_leave_in_one_write_at_once() -> None:
+    async def scenario() -> list[list[bytes]]:
         inner = Recording()
         transport = CoalescingTransport(inner, asyncio.get_running_loop())
+        seen = []
         transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
         transport.write(b"")
+        seen.append(list(inner.writes))  # the head waits for its body
         transport.write(b'{"a": 1}')
-        assert inner.writes == []  # nothing until the iteration ends
+        seen.append(list(inner.writes))  # and leaves with it, in the same iteration
+        transport.write(b"lone")
+        seen.append(list(inner.writes))
         await asyncio.sleep(0)
-        transport.write(b"next")
-        await asyncio.sleep(0)
-        return inner.writes
+        seen.append(list(inner.writes))  # a write nothing followed leaves at the iteration's end
+        return seen
 
-    assert asyncio.run(scenario()) == [b'HTTP/1.1 200 OK\r\n\r\n{"a": 1}', b"next"]
+    head_and_body = b'HTTP/1.1 200 OK\r\n\r\n{"a": 1}'
+    assert asyncio.run(scenario()) == [
+        [],
+        [head_and_body],
+        [head_and_body],
+        [head_and_body, b"lone"],
+    ]
 
 
 def test_close_sends_what_is_pending_and_abort_drops_it() -> None:

@@ -1,12 +1,12 @@
-"""One send per answer: a transport that joins the writes of one event-loop iteration.
+"""One send per answer: a transport that joins a response's head with its body.
 
 uvicorn writes a response's status line and headers when the app sends `http.response.start`
 and its body on `http.response.body`: two `send()` calls, two TCP segments on a connection with
 Nagle off, and a client woken twice per answer. On a small-model server that second system call
-and wake-up are a fair share of the whole request (the profile in docs/serving.md). Both
-messages are sent within one iteration of the event loop (uvicorn's `send` does not suspend
-unless the socket's buffer is full), so holding writes until the end of the iteration puts the
-head and the body in one segment without changing what is sent or when it is complete.
+and wake-up are a fair share of the whole request (the profile in docs/serving.md). So a write
+is held back until the next one arrives, and both leave in one `send()` right then; a write that
+no other follows in the same event-loop iteration (a head whose body comes later, a whole error
+answer) leaves at the end of that iteration. What is sent, in what order, does not change.
 """
 
 from __future__ import annotations
@@ -16,44 +16,49 @@ from typing import Any
 
 
 class CoalescingTransport(asyncio.Transport):
-    """Wraps a transport: writes made in one loop iteration leave in one `write` at its end.
+    """Wraps a transport: each write waits for the next, and the two leave in one `write`.
 
-    Closing flushes first, so a response followed by a close (an error answer, a timeout) is sent
-    whole; aborting drops what is pending, as an abort drops the real transport's buffer.
+    A write not followed by another in the same loop iteration leaves at its end. Closing
+    flushes first, so a response followed by a close (an error answer, a timeout) is sent whole;
+    aborting drops what is held, as an abort drops the real transport's buffer.
     """
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__()
         self._transport = transport
         self._loop = loop
-        self._pending: list[bytes] = []
+        self._held: bytes | None = None
 
     def write(self, data: bytes | bytearray | memoryview[Any]) -> None:
         if not data:
             return
-        if not self._pending:
+        if self._held is None:
+            self._held = bytes(data)
             self._loop.call_soon(self.flush)
-        self._pending.append(bytes(data))
+            return
+        held, self._held = self._held, None
+        self._send(held + bytes(data))
 
     def writelines(self, list_of_data: Any) -> None:
         for data in list_of_data:
             self.write(data)
 
     def flush(self) -> None:
-        """Hand everything pending to the real transport now, as one write."""
-        if not self._pending:
-            return
-        pending = self._pending
-        self._pending = []
+        """Hand what is held to the real transport now."""
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._send(held)
+
+    def _send(self, data: bytes) -> None:
         if not self._transport.is_closing():
-            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+            self._transport.write(data)
 
     def close(self) -> None:
         self.flush()
         self._transport.close()
 
     def abort(self) -> None:
-        self._pending = []
+        self._held = None
         self._transport.abort()
 
     def is_closing(self) -> bool:
@@ -81,7 +86,7 @@ class CoalescingTransport(asyncio.Transport):
         self._transport.set_write_buffer_limits(high, low)
 
     def get_write_buffer_size(self) -> int:
-        return self._transport.get_write_buffer_size() + sum(map(len, self._pending))
+        return self._transport.get_write_buffer_size() + len(self._held or b"")
 
     def get_write_buffer_limits(self) -> tuple[int, int]:
         return self._transport.get_write_buffer_limits()
