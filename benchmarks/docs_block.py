@@ -7,7 +7,9 @@ the page, if the markers are missing, rather than appending somewhere unexpected
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 
 def markers(name: str) -> tuple[str, str]:
@@ -23,3 +25,14 @@ def fill_block(page: Path, name: str, text: str) -> None:
     before, rest = document.split(start, 1)
     after = rest.split(end, 1)[1]
     page.write_text(f"{before}{start}\n{text}\n{end}{after}", encoding="utf-8")
+
+
+def publish(
+    result: dict[str, Any], results: Path, text: str, page: Path, name: str, *, write_docs: bool
+) -> None:
+    """Save `result` as JSON at `results`, print `text`, and with `write_docs` fill the block."""
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(result, indent=2) + "\n")
+    print(text)
+    if write_docs:
+        fill_block(page, name, text)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -35,7 +34,7 @@ from typing import Any
 
 import httpx
 import numpy as np
-from docs_block import fill_block
+from docs_block import publish
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "loop.json"
@@ -375,10 +374,6 @@ def table(result: dict[str, Any]) -> str:
     )
 
 
-def write_docs(text: str) -> None:
-    fill_block(DOCS, BLOCK, text)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", default="rotation")
@@ -392,13 +387,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         with tempfile.TemporaryDirectory(prefix="opsloop-loop-") as scratch:
             result = run(args.scenario, args.scale, Path(scratch))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     draw(result)
-    text = table(result)
-    print(text)
-    if args.write_docs:
-        write_docs(text)
+    publish(result, RESULTS, table(result), DOCS, BLOCK, write_docs=args.write_docs)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ a 128-character client id. Ingest speed (rows per second through journal and ing
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sqlite3
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from docs_block import fill_block
+from docs_block import publish
 
 from opsloop.bundle import LogBasis
 from opsloop.serve.ingest import Ingester
@@ -180,22 +179,13 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_docs(text: str) -> None:
-    fill_block(DOCS, BLOCK, text)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args(argv)
     result = run(args.rows)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    text = table(result)
-    print(text)
-    if args.write_docs:
-        write_docs(text)
+    publish(result, RESULTS, table(result), DOCS, BLOCK, write_docs=args.write_docs)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import json
 import os
 import re
 import subprocess
@@ -27,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from docs_block import fill_block  # noqa: E402
+from docs_block import publish  # noqa: E402
 
 from serve import free_port, make_artifacts, started, wrk  # noqa: E402
 
@@ -196,10 +195,6 @@ def table(result: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-def write_docs(text: str) -> None:
-    fill_block(DOCS, BLOCK, text)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=10.0)
@@ -207,12 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="opsloop-profile-") as scratch:
         result = run(args.duration, Path(scratch))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    text = table(result)
-    print(text)
-    if args.write_docs:
-        write_docs(text)
+    publish(result, RESULTS, table(result), DOCS, BLOCK, write_docs=args.write_docs)
 
 
 if __name__ == "__main__":
