@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -84,6 +85,38 @@ async def test_a_full_shadow_backlog_is_skipped_and_counted(
         await asyncio.sleep(0.2)
         text = (await client.get("/metrics")).text
     assert metric(text, 'opsloop_shadow_rows_total{outcome="skipped"}') == 3
+
+
+async def test_shadow_answers_that_come_together_reach_the_journal_in_one_write(
+    tmp_path: Path,
+    tiny_bundle: Path,
+    candidate_bundle: Path,
+    pixels: npt.NDArray[np.float32],
+) -> None:
+    settings = make_settings(
+        tmp_path,
+        tiny_bundle,
+        shadow=True,
+        candidate_bundle_path=candidate_bundle,
+        shadow_batch_wait_ms=200,  # every shadow row of the burst below waits for the others
+    )
+    app = create_app(settings)
+    writes: list[int] = []  # records per journal write of shadow answers
+    predlog = app.state.serve.predlog
+    append_many = predlog.append_many
+
+    def recording(records: Any) -> None:
+        writes.append(len(records))
+        append_many(records)
+
+    predlog.append_many = recording
+    async for client in running(app):
+        answers = await asyncio.gather(
+            *(client.post(INFER, json=infer_body(pixels[:1], id=f"b{i}")) for i in range(8))
+        )
+        assert all(answer.status_code == 200 for answer in answers)
+        await asyncio.sleep(0.5)
+    assert writes == [8]
 
 
 async def test_the_canary_share_is_sticky_by_request_id_and_marked(
