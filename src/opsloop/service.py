@@ -9,9 +9,11 @@ and opsloop's own loggers print beside uvicorn's.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
 import socket
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
@@ -25,6 +27,18 @@ COMMON_HINTS = {
     "port": "use a TCP port between 1 and 65535",
     "log_level": f"use one of {', '.join(LOG_LEVELS)}",
 }
+
+
+@contextlib.asynccontextmanager
+async def in_background(work: Coroutine[Any, Any, None], name: str) -> AsyncIterator[None]:
+    """Run `work` as a task while the block runs (a service's periodic loop); cancel it after."""
+    task = asyncio.create_task(work, name=name)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def settings_config(prefix: str) -> SettingsConfigDict:

@@ -28,7 +28,7 @@ from opsloop.loop.controller import Controller
 from opsloop.loop.history import RUNNING, History
 from opsloop.loop.settings import ENV_PREFIX, LoopSettings
 from opsloop.loop.triggers import ALERT, MANUAL, Trigger
-from opsloop.service import check_port, serve_app
+from opsloop.service import check_port, in_background, serve_app
 
 logger = logging.getLogger(__name__)
 
@@ -133,16 +133,13 @@ def create_loop_app(controller: Controller) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(decide_forever(), name="loop-decisions")
         logger.info(
             "loop: a decision every %gs on %s", settings.interval_seconds, settings.model_name
         )
         try:
-            yield
+            async with in_background(decide_forever(), "loop-decisions"):
+                yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
             controller.close()
 
     app = FastAPI(

@@ -24,7 +24,7 @@ from opsloop.errors import MissingExtraError, OpsloopError, redact_url
 from opsloop.monitor.report import finite
 from opsloop.monitor.service import DriftMonitor, resolve_sources
 from opsloop.monitor.settings import ENV_PREFIX, MonitorSettings
-from opsloop.service import check_port, serve_app
+from opsloop.service import check_port, in_background, serve_app
 
 logger = logging.getLogger(__name__)
 
@@ -47,19 +47,14 @@ def create_monitor_app(monitor: DriftMonitor) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(check_forever(), name="drift-checks")
         logger.info(
             "checking %s against %s every %gs",
             redact_url(monitor.predlog_url),  # a database URL may hold a password
             monitor.bundle_path,
             interval,
         )
-        try:
+        async with in_background(check_forever(), "drift-checks"):
             yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     app = FastAPI(
         title="opsloop drift monitor",
