@@ -5,6 +5,9 @@ monitor, the loop and the UI read them back here as numpy arrays. Any SQLAlchemy
 in WAL mode is the default (several writer processes and readers share one file), PostgreSQL in
 production. Arrays are stored as raw little-endian bytes with their dtype and shape, so
 `np.frombuffer(row.probabilities, "<f4")` reads them back without unpickling anything.
+
+Why one file of ~580 lines: the log's schema, its id blocks, the migration of the 0.1 layout
+and every read of it change together; the write side stays in `opsloop.serve`.
 """
 
 from __future__ import annotations

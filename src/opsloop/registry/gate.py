@@ -4,6 +4,9 @@
 frozen holdout split; the challenger takes `champion` only if its median latency fits the budget
 and its accuracy trails by at most the configured margin. Every decision, forced or gated, is
 recorded as version tags and in the registered model's promotion history.
+
+Why one file of ~470 lines: the gate's checks (holdout scores, latency, guards, live
+evidence), the rollback and the promotion record they produce are one decision, recorded one way.
 """
 
 from __future__ import annotations

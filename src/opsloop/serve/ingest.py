@@ -8,6 +8,9 @@ database says it stopped: nothing is lost and nothing is logged twice. One inges
 journal directory (an exclusive `flock` on `ingester.lock`); `opsloop serve` runs it as its own
 process and restarts it if it dies, an app started without that supervisor runs it as a thread.
 While the database refuses writes, records wait on disk, not in memory, retried with back-off.
+
+Why one file of ~550 lines: exactly-once rests on reading frames, the batched insert, the
+offsets and retention sharing one transaction design; it is kept whole so it is read whole.
 """
 
 from __future__ import annotations

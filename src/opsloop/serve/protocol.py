@@ -6,6 +6,9 @@ and the binary tensor extension Triton's client uses by default (a JSON header o
 `Inference-Header-Content-Length` bytes followed by raw little-endian tensor bytes). Every problem
 raises `RequestError` with the HTTP status, a message naming what was wrong, and a short reason
 used as a metric label.
+
+Why one file of ~450 lines: it is the V2 wire contract, decode and encode of both tensor
+encodings with their checks; split in two, the request and response sides would drift apart.
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@
 
 A store that does not exist yet is a `NoDataError` whose message says which command makes it; a
 store that exists but cannot be read is the store's own one-line `OpsloopError`.
+
+Why one file of ~750 lines: it is the UI's whole read side, kept torch-free and apart from
+Streamlit so it is unit tested without a browser; each page's loader is small and they share
+the store opening and the `NoDataError` messages here. Split it by page if it grows further.
 """
 
 from __future__ import annotations
