@@ -218,3 +218,30 @@ def test_rejects_malformed_infer_paths(path: str) -> None:
     with pytest.raises(RequestError, match="no such endpoint") as caught:
         parse_infer_path(path)
     assert caught.value.status == 404
+
+
+async def test_a_bug_in_the_infer_path_is_a_json_500_counted_and_the_server_goes_on(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    pixels: npt.NDArray[np.float32],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fast path runs outside Starlette's error middleware: it must catch its own bugs."""
+    state = app.state.serve
+
+    def broken(*_: Any, **__: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(state, "log_prediction", broken)
+    response = await client.post(INFER, json=infer_body(pixels[:1]))
+    assert response.status_code == 500
+    assert response.json() == {"error": "internal error; see the server log"}
+    monkeypatch.undo()
+    await assert_still_serving(client)
+    text = (await client.get("/metrics")).text
+    assert (
+        metric(
+            text, 'opsloop_requests_total{endpoint="/v2/models/{model_name}/infer",status="500"}'
+        )
+        == 1
+    )
