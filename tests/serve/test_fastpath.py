@@ -232,7 +232,7 @@ async def test_a_bug_in_the_infer_path_is_a_json_500_counted_and_the_server_goes
     def broken(*_: Any, **__: Any) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(state, "log_prediction", broken)
+    monkeypatch.setattr(state, "log_predictions", broken)
     response = await client.post(INFER, json=infer_body(pixels[:1]))
     assert response.status_code == 500
     assert response.json() == {"error": "internal error; see the server log"}

@@ -1,6 +1,7 @@
 """The HTTP API: `create_app(settings)` wires the FastAPI app that `opsloop serve` runs.
 
-The routes are in `routes`, the hot infer path in `fastpath` (in front of FastAPI's routing),
+The routes are in `routes`, the hot infer path in `fastpath` (on the connection itself under
+`opsloop serve`, see `wire`; otherwise in front of FastAPI's routing),
 request counting in `middleware`, the shared state in `state`, the `/docs` additions in `openapi`.
 Here: the lifespan (the bundle is loaded there), the error handlers and the middleware order
 (with `cors` for browser pages of other origins when `OPSLOOP_CORS_ORIGINS` lists them).
@@ -22,7 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from opsloop import __version__
 from opsloop.serve.cors import with_cors
-from opsloop.serve.fastpath import InferFastPath
+from opsloop.serve.fastpath import InferCalls, InferFastPath
 from opsloop.serve.middleware import CLIENT_GONE, UNMATCHED, CountRequests, RecordStatus
 from opsloop.serve.openapi import install_openapi
 from opsloop.serve.protocol import RequestError
@@ -71,8 +72,9 @@ def create_app(
     app.add_middleware(RecordStatus)  # the status of what FastAPI's routes answer, for counting
     # In front of FastAPI: count every request, answer infer calls, pass the rest to FastAPI;
     # outermost, and only with an allowlist, CORS: preflights are answered before anything counts.
+    app.infer_calls = InferCalls(state)
     app.front = with_cors(
-        CountRequests(InferFastPath(app.through_fastapi, state), state.metrics),
+        CountRequests(InferFastPath(app.through_fastapi, app.infer_calls), state.metrics),
         settings.cors_origin_list,
     )
     install_openapi(app, lambda: state.manager.current.signature if state.manager.current else None)
@@ -85,9 +87,12 @@ class ServeApp(FastAPI):
     Starlette wraps every middleware added to an app in its error middleware and a `send`
     wrapper; the infer fast path handles its own errors, so it runs outside them and an infer
     call costs no more framework layers than it needs. `front` ends in `through_fastapi`.
+    `infer_calls` is what the connection protocol of `opsloop serve` (`wire`) answers infer
+    calls with, without ASGI.
     """
 
     front: ASGIApp | None = None
+    infer_calls: InferCalls | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.front is None:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -33,10 +33,21 @@ class BatcherClosedError(RuntimeError):
     """The batcher was closed (its model was replaced) before this request was queued."""
 
 
+class Waiter(Protocol):
+    """Who waits for a request's outputs: an asyncio future, or an object answering directly
+    (the connection protocol's exchange, `wire`), which saves a future and a loop turn."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: tuple[Array, ...], /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
 @dataclass(slots=True)
 class _Pending:
     rows: Array
-    future: asyncio.Future[tuple[Array, ...]]
+    future: Waiter
 
 
 @dataclass
@@ -69,13 +80,17 @@ class MicroBatcher:
 
     def submit(self, rows: Array) -> asyncio.Future[tuple[Array, ...]]:
         """Queue `rows` now; the future of their outputs (for callers that need no coroutine)."""
+        future: asyncio.Future[tuple[Array, ...]] = asyncio.get_running_loop().create_future()
+        self.submit_to(rows, future)
+        return future
+
+    def submit_to(self, rows: Array, waiter: Waiter) -> None:
+        """Queue `rows` now; `waiter` gets their outputs (or the batch's exception)."""
         if self._closing:
             raise BatcherClosedError("the model is being replaced; retry the request")
-        future: asyncio.Future[tuple[Array, ...]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(rows, future))
+        self._queue.append(_Pending(rows, waiter))
         self._queued_rows += len(rows)
         self._wakeup.set()
-        return future
 
     async def close(self) -> None:
         """Stop taking requests, finish every queued one, then stop the worker."""

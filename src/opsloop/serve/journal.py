@@ -22,7 +22,9 @@ bytes, read back with `np.frombuffer`, so nothing is ever unpickled.
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
+import math
 import os
 import re
 import socket
@@ -95,6 +97,11 @@ def encode_record(record: LogRecord) -> bytes:
     return FRAME.pack(len(payload), zlib.crc32(payload)) + payload
 
 
+@functools.cache
+def _dtype(text: str) -> np.dtype[Any]:
+    return np.dtype(text)  # cached: building a dtype from its text costs more than the frame
+
+
 def decode_payload(payload: bytes) -> LogRecord:
     """The record in one frame's payload (checked by the caller's checksum)."""
     (header_length,) = HEADER_LENGTH.unpack_from(payload)
@@ -103,8 +110,8 @@ def decode_payload(payload: bytes) -> LogRecord:
     offset = start + header_length
     arrays: list[npt.NDArray[Any]] = []
     for dtype_text, shape in header["a"]:
-        dtype = np.dtype(dtype_text)
-        count = int(np.prod(shape))
+        dtype = _dtype(dtype_text)
+        count = math.prod(shape)
         arrays.append(np.frombuffer(payload, dtype, count=count, offset=offset).reshape(shape))
         offset += count * dtype.itemsize
     inputs, probabilities, embedding = arrays

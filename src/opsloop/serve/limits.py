@@ -12,9 +12,10 @@ gives uvicorn a subclass of its httptools protocol (the one `uvicorn[standard]` 
   closed; the app sees the client leave and the request is counted as a 408 in `/metrics`.
 
 A timer is armed only while a request is incomplete after a read, so a request that arrives in
-one piece costs none. The protocol also writes each answer in one send (`transport`).
-uvicorn's internals are used here and nowhere else, so an upstream change
-is a one-file fix; `tests/integration/test_serve_limits.py` checks them against the real thing.
+one piece costs none. The protocol also writes each answer in one send (`transport`) and
+answers infer calls without an ASGI cycle (`wire`). uvicorn's internals are used here and in
+`wire` only, so an upstream change is a two-file fix; `tests/integration/test_serve_limits.py`
+and `tests/integration/test_wire.py` check them against the real thing.
 """
 
 from __future__ import annotations
@@ -54,7 +55,10 @@ def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
     """uvicorn's httptools protocol with `limits` (a class: uvicorn makes one per connection)."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    from opsloop.serve.wire import AnswersInfer
+
+    # The checks here run first; then `AnswersInfer` takes infer calls off the ASGI path.
+    class GuardedHttpToolsProtocol(AnswersInfer, HttpToolsProtocol):
         settings: ClassVar[ConnectionLimits] = limits
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:

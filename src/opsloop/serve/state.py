@@ -15,6 +15,7 @@ import logging
 import random
 import time
 import zlib
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,30 +130,53 @@ class AppState:
         role: str = CHAMPION_ROLE,
     ) -> None:
         """Journal an answered prediction (one `write`) and count it in the metrics."""
-        probabilities, embedding = outputs
-        self.metrics.observe_predictions(probabilities, served.signature.class_names)
-        self.metrics.observe_routed(role)
+        prediction = Prediction(request_id, endpoint, served, pixels, outputs, started, role)
+        self.log_predictions([prediction])
+
+    def log_predictions(self, predictions: Sequence[Prediction]) -> None:
+        """Journal answered predictions in one `write` and count them, per model in one go.
+
+        The answers of one micro-batch arrive together: counting their classes, projecting
+        their embeddings onto the log basis and writing the journal once for all of them costs
+        about what doing it for one does.
+        """
+        for served, group in by_model(predictions):
+            probabilities = stacked([p.outputs[0] for p in group])
+            self.metrics.observe_predictions(probabilities, served.signature.class_names)
+        self.metrics.observe_routed_many([p.role for p in predictions])
         rate = self.settings.predlog_sample
-        if rate < 1.0 and random.random() >= rate:  # sampled out: not logged, not shadowed
-            self.metrics.predlog_unsampled_rows.inc(len(pixels))
-            return
-        self.predlog.append(
-            LogRecord(
-                request_id=request_id,
-                created_at=time.time(),
-                endpoint=endpoint,
-                model_name=served.signature.name,
-                model_version=served.signature.version,
-                inputs=pixels,
-                probabilities=probabilities,
-                embedding=served.model.loggable_embedding(embedding),
-                latency_ms=(time.perf_counter() - started) * 1000.0,
-                role=role,
-                sample_rate=rate,
-            )
-        )
-        if role == CHAMPION_ROLE and self.settings.shadow:
-            self.shadow(request_id, endpoint, pixels)
+        if rate < 1.0:  # sampled out: not logged, not shadowed
+            kept = [p for p in predictions if random.random() < rate]
+            unsampled = sum(len(p.pixels) for p in predictions) - sum(len(p.pixels) for p in kept)
+            if unsampled:
+                self.metrics.predlog_unsampled_rows.inc(unsampled)
+            predictions = kept
+        records = []
+        now = time.time()
+        for served, group in by_model(predictions):
+            embeddings = loggable_embeddings(served, [p.outputs[1] for p in group])
+            for prediction, embedding in zip(group, embeddings, strict=True):
+                records.append(
+                    LogRecord(
+                        request_id=prediction.request_id,
+                        created_at=now,
+                        endpoint=prediction.endpoint,
+                        model_name=served.signature.name,
+                        model_version=served.signature.version,
+                        inputs=prediction.pixels,
+                        probabilities=prediction.outputs[0],
+                        embedding=embedding,
+                        latency_ms=(time.perf_counter() - prediction.started) * 1000.0,
+                        role=prediction.role,
+                        sample_rate=rate,
+                    )
+                )
+        if records:
+            self.predlog.append_many(records)
+        if self.settings.shadow:
+            for prediction in predictions:
+                if prediction.role == CHAMPION_ROLE:
+                    self.shadow(prediction.request_id, prediction.endpoint, prediction.pixels)
 
     def shadow(self, request_id: str, endpoint: str, pixels: npt.NDArray[np.float32]) -> None:
         """Run the candidate on the same rows later, off the response path, and log its answer.
@@ -221,6 +245,45 @@ class AppState:
         if records:
             self.predlog.append_many(records)
             self.metrics.shadow_rows.labels("logged").inc(sum(len(r.inputs) for r in records))
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """An answered request, to log: its id, where it came in, who answered and with what."""
+
+    request_id: str
+    endpoint: str
+    served: ServedModel
+    pixels: npt.NDArray[np.float32]
+    outputs: tuple[npt.NDArray[Any], ...]  # (probabilities, embedding)
+    started: float  # time.perf_counter() when the request arrived
+    role: str = CHAMPION_ROLE
+
+
+def by_model(predictions: Sequence[Prediction]) -> list[tuple[ServedModel, list[Prediction]]]:
+    """The predictions grouped by the model that answered them (usually one group)."""
+    groups: dict[int, tuple[ServedModel, list[Prediction]]] = {}
+    for prediction in predictions:
+        key = id(prediction.served)
+        if key not in groups:
+            groups[key] = (prediction.served, [])
+        groups[key][1].append(prediction)
+    return list(groups.values())
+
+
+def stacked(arrays: list[npt.NDArray[Any]]) -> npt.NDArray[Any]:
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def loggable_embeddings(
+    served: ServedModel, embeddings: list[npt.NDArray[np.float32]]
+) -> list[npt.NDArray[np.float32]]:
+    """What the log keeps of each request's embeddings, projected in one product for all."""
+    if len(embeddings) == 1:
+        return [served.model.loggable_embedding(embeddings[0])]
+    projected = served.model.loggable_embedding(np.concatenate(embeddings))
+    ends = np.cumsum([len(e) for e in embeddings])[:-1]
+    return np.split(projected, ends)
 
 
 def canary_bucket(request_id: str) -> float:

@@ -39,6 +39,13 @@ class CoalescingTransport(asyncio.Transport):
         held, self._held = self._held, None
         self._send(held + bytes(data))
 
+    def write_now(self, data: bytes) -> None:
+        """Send `data` (after anything held) right away: for a write known to be complete."""
+        if self._held is not None:
+            data = self._held + data
+            self._held = None
+        self._send(data)
+
     def writelines(self, list_of_data: Any) -> None:
         for data in list_of_data:
             self.write(data)
