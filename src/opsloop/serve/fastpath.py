@@ -67,6 +67,8 @@ WANTED_HEADERS = {
 JSON_TYPE = b"application/json"
 BINARY_TYPE = b"application/octet-stream"
 
+# What the model's micro-batcher gives each request: (probabilities, embedding, logged
+# embedding); see `runtime.OnnxModel.serve_batch`.
 Outputs = tuple[npt.NDArray[Any], ...]
 Headers = list[tuple[bytes, bytes]]
 # Sends an answer; returns the status to count (499 when the client has gone meanwhile).
@@ -210,7 +212,7 @@ class InferCalls:
     def encode(self, call: InferCall, outputs: Outputs) -> Answer:
         signature = call.served.signature
         body, header_length = encode_infer_response(
-            signature, call.request, output_tensors(*outputs), call.role
+            signature, call.request, output_tensors(outputs[0], outputs[1]), call.role
         )
         return Answer(200, body, answer_headers(body, signature.version, header_length, call.role))
 

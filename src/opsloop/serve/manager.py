@@ -125,7 +125,7 @@ class ModelManager:
             "on the event loop" if executor is None else "in its own thread",
         )
         batcher = MicroBatcher(
-            model.predict,
+            model.serve_batch,
             executor,
             max_batch_size=self.limits.max_batch_size,
             max_wait_s=self.limits.max_wait_s,

@@ -136,9 +136,9 @@ class AppState:
     def log_predictions(self, predictions: Sequence[Prediction]) -> None:
         """Journal answered predictions in one `write` and count them, per model in one go.
 
-        The answers of one micro-batch arrive together: counting their classes, projecting
-        their embeddings onto the log basis and writing the journal once for all of them costs
-        about what doing it for one does.
+        The answers of one micro-batch arrive together: counting their classes and writing the
+        journal once for all of them costs about what doing it for one does. (Their embeddings
+        were projected onto the log basis once per batch, by `OnnxModel.serve_batch`.)
         """
         for served, group in by_model(predictions):
             probabilities = stacked([p.outputs[0] for p in group])
@@ -151,26 +151,23 @@ class AppState:
             if unsampled:
                 self.metrics.predlog_unsampled_rows.inc(unsampled)
             predictions = kept
-        records = []
         now = time.time()
-        for served, group in by_model(predictions):
-            embeddings = loggable_embeddings(served, [p.outputs[1] for p in group])
-            for prediction, embedding in zip(group, embeddings, strict=True):
-                records.append(
-                    LogRecord(
-                        request_id=prediction.request_id,
-                        created_at=now,
-                        endpoint=prediction.endpoint,
-                        model_name=served.signature.name,
-                        model_version=served.signature.version,
-                        inputs=prediction.pixels,
-                        probabilities=prediction.outputs[0],
-                        embedding=embedding,
-                        latency_ms=(time.perf_counter() - prediction.started) * 1000.0,
-                        role=prediction.role,
-                        sample_rate=rate,
-                    )
-                )
+        records = [
+            LogRecord(
+                request_id=prediction.request_id,
+                created_at=now,
+                endpoint=prediction.endpoint,
+                model_name=prediction.served.signature.name,
+                model_version=prediction.served.signature.version,
+                inputs=prediction.pixels,
+                probabilities=prediction.outputs[0],
+                embedding=prediction.outputs[2],  # the log-basis coordinates
+                latency_ms=(time.perf_counter() - prediction.started) * 1000.0,
+                role=prediction.role,
+                sample_rate=rate,
+            )
+            for prediction in predictions
+        ]
         if records:
             self.predlog.append_many(records)
         if self.settings.shadow:
@@ -221,7 +218,7 @@ class AppState:
             self.metrics.shadow_rows.labels("failed").inc(len(pixels))
             logger.debug("shadow run of %s failed: %s", request_id, future)
             return
-        probabilities, embedding = future.result()
+        probabilities, _, logged_embedding = future.result()
         if not self._shadow_records:  # the first answer of this batch: write them all after it
             asyncio.get_running_loop().call_soon(self._write_shadow_records)
         self._shadow_records.append(
@@ -233,7 +230,7 @@ class AppState:
                 model_version=candidate.signature.version,
                 inputs=pixels,
                 probabilities=probabilities,
-                embedding=candidate.model.loggable_embedding(embedding),
+                embedding=logged_embedding,
                 latency_ms=(time.perf_counter() - started) * 1000.0,
                 role=SHADOW_ROLE,
                 sample_rate=self.settings.predlog_sample,
@@ -255,7 +252,7 @@ class Prediction:
     endpoint: str
     served: ServedModel
     pixels: npt.NDArray[np.float32]
-    outputs: tuple[npt.NDArray[Any], ...]  # (probabilities, embedding)
+    outputs: tuple[npt.NDArray[Any], ...]  # (probabilities, embedding, logged embedding)
     started: float  # time.perf_counter() when the request arrived
     role: str = CHAMPION_ROLE
 
@@ -273,17 +270,6 @@ def by_model(predictions: Sequence[Prediction]) -> list[tuple[ServedModel, list[
 
 def stacked(arrays: list[npt.NDArray[Any]]) -> npt.NDArray[Any]:
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-
-
-def loggable_embeddings(
-    served: ServedModel, embeddings: list[npt.NDArray[np.float32]]
-) -> list[npt.NDArray[np.float32]]:
-    """What the log keeps of each request's embeddings, projected in one product for all."""
-    if len(embeddings) == 1:
-        return [served.model.loggable_embedding(embeddings[0])]
-    projected = served.model.loggable_embedding(np.concatenate(embeddings))
-    ends = np.cumsum([len(e) for e in embeddings])[:-1]
-    return np.split(projected, ends)
 
 
 def canary_bucket(request_id: str) -> float:

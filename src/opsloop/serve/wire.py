@@ -186,6 +186,11 @@ class AnswersInfer(ProtocolBase):
         self.exchange = None
 
     def on_headers_complete(self) -> None:
+        if self.transport.is_closing():
+            # Answered and closed (a 413) in the middle of a read: what the parser still finds
+            # in it, a request pipelined behind, must not run. Without a new cycle, uvicorn
+            # drops its body too (the closed exchange is complete).
+            return
         headers = self.infer_exchange_headers()
         if headers is not None:
             self.begin_exchange(headers)
