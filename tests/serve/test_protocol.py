@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -10,6 +11,7 @@ import orjson
 import pytest
 
 from opsloop.predictions import MAX_REQUEST_ID
+from opsloop.serve import protocol
 from opsloop.serve.protocol import (
     InferRequest,
     ModelSignature,
@@ -20,6 +22,7 @@ from opsloop.serve.protocol import (
     encode_infer_response,
     encode_predict_response,
     model_metadata,
+    new_request_id,
     output_tensors,
     parse_header_length,
 )
@@ -293,3 +296,18 @@ def test_model_metadata_names_tensors_and_classes() -> None:
     assert metadata["inputs"] == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
     assert [o["name"] for o in metadata["outputs"]] == ["probabilities", "label", "embedding"]
     assert metadata["parameters"]["class_names"][3] == "3"
+
+
+def test_server_request_ids_are_unique_url_safe_and_sort_by_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sorted ids go in at the end of the log's request-id index (see `new_request_id`)."""
+    clock = iter(range(1_700_000_000_000_000_000, 1_800_000_000_000_000_000, 1_000_000))
+    monkeypatch.setattr(protocol.time, "time_ns", lambda: next(clock))  # 1 ms per id
+    ids = [new_request_id() for _ in range(2000)]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 16 and re.fullmatch(r"[A-Za-z0-9_-]+", i) for i in ids)
+    monkeypatch.setattr(protocol.time, "time_ns", lambda: 1_700_000_000_000_000_000)
+    same_millisecond = {new_request_id() for _ in range(2000)}
+    assert len(same_millisecond) == 2000  # told apart by their random half

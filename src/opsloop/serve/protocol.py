@@ -13,9 +13,11 @@ encodings with their checks; split in two, the request and response sides would 
 
 from __future__ import annotations
 
+import base64
 import math
 import re
 import secrets
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -157,10 +159,21 @@ def check_content_type(
         )
 
 
+# URL-safe base64's 64 characters in ASCII order, so that ids sort as the bytes they encode.
+_BASE64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_SORTABLE = b"-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz"
+_TO_SORTABLE = bytes.maketrans(_BASE64, _SORTABLE)
+
+
 def new_request_id() -> str:
-    """96 random bits as 16 URL-safe characters: unique in practice, and half the bytes of a
-    UUID's hex in every logged request and its index."""
-    return secrets.token_urlsafe(12)
+    """16 URL-safe characters: the time in milliseconds (48 bits) then 48 random bits, encoded
+    so that ids sort by the time they were made (like a UUIDv7 or ULID, in half the bytes of a
+    UUID's hex). Sorted ids go in at the end of the log's request-id index instead of at a
+    random place in it, which kept the ingester's cost per row growing with the log's size.
+    Unique in practice: two ids of the same millisecond differ in 48 random bits."""
+    prefix = (time.time_ns() // 1_000_000).to_bytes(6, "big")
+    raw = base64.urlsafe_b64encode(prefix + secrets.token_bytes(6))
+    return raw.translate(_TO_SORTABLE).decode("ascii")
 
 
 def split_binary_body(body: bytes, header_length: int | None) -> tuple[bytes, bytes]:
