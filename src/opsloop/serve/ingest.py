@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
 import threading
@@ -201,7 +202,7 @@ def insert_many(
     group = "(" + ", ".join([marker] * len(columns)) + ")"
     for start in range(0, len(rows), MULTIROW_CHUNK):
         chunk = rows[start : start + MULTIROW_CHUNK]
-        values = tuple(value for row in chunk for value in row)
+        values = tuple(itertools.chain.from_iterable(chunk))
         connection.exec_driver_sql(head + ", ".join([group] * len(chunk)), values)
 
 

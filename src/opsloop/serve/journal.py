@@ -24,7 +24,6 @@ from __future__ import annotations
 import fcntl
 import functools
 import logging
-import math
 import os
 import re
 import socket
@@ -110,10 +109,9 @@ def decode_payload(payload: bytes) -> LogRecord:
     offset = start + header_length
     arrays: list[npt.NDArray[Any]] = []
     for dtype_text, shape in header["a"]:
-        dtype = _dtype(dtype_text)
-        count = math.prod(shape)
-        arrays.append(np.frombuffer(payload, dtype, count=count, offset=offset).reshape(shape))
-        offset += count * dtype.itemsize
+        array: npt.NDArray[Any] = np.ndarray(shape, _dtype(dtype_text), payload, offset)
+        arrays.append(array)  # a read-only view of the payload, like np.frombuffer's
+        offset += array.nbytes
     inputs, probabilities, embedding = arrays
     return LogRecord(
         request_id=header["r"],
