@@ -96,7 +96,7 @@ def infer_headers(raw: Iterable[tuple[bytes, bytes]]) -> InferHeaders:
     return headers
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per request, and a frozen init costs 4x
 class InferTarget:
     """What the path and headers say: the model asked for and how its body is encoded."""
 
@@ -105,7 +105,7 @@ class InferTarget:
     header_length: int | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per request, and a frozen init costs 4x
 class InferCall:
     """A decoded request, on its way to the model that answers it."""
 
@@ -115,7 +115,7 @@ class InferCall:
     started: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per request, and a frozen init costs 4x
 class Answer:
     """A response: status, body and headers (without the server's own: date, connection)."""
 

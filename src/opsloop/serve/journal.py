@@ -57,7 +57,7 @@ DEFAULT_MAX_BYTES = 1024 * 1024 * 1024
 SPACE_RECHECK_S = 1.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per request, and a frozen init costs 4x
 class LogRecord:
     """One request's predictions, as the worker answered them."""
 

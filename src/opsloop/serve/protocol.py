@@ -14,6 +14,7 @@ encodings with their checks; split in two, the request and response sides would 
 from __future__ import annotations
 
 import base64
+import functools
 import math
 import re
 import secrets
@@ -86,13 +87,13 @@ class ModelSignature:
         return math.prod(self.item_shape)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per request, and a frozen init costs 4x
 class RequestedOutput:
     name: str
     binary: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per request, and a frozen init costs 4x
 class InferRequest:
     """A validated infer call: float32 pixels of shape (rows, *item_shape) and what to return."""
 
@@ -119,7 +120,9 @@ def decode_infer_request(
         )
     tensor = inputs[0]
     pixels = decode_input_tensor(tensor, signature, binary, max_rows)
-    binary_default = bool(_parameters(request).get("binary_data_output", False))
+    binary_default = "parameters" in request and bool(
+        _parameters(request).get("binary_data_output", False)
+    )
     outputs = decode_requested_outputs(request.get("outputs"), binary_default)
     return InferRequest(
         id=decode_request_id(request.get("id")) or new_request_id(),
@@ -261,14 +264,14 @@ def decode_datatype(datatype: object) -> np.dtype[Any]:
 
 def decode_shape(shape: object, signature: ModelSignature, max_rows: int) -> tuple[int, ...]:
     """The tensor shape: a batch of 1..max_rows examples of the model's item shape."""
-    expected = ["N", *signature.item_shape]
     if (
-        not isinstance(shape, list)
-        or not all(type(dim) is int for dim in shape)
+        type(shape) is not list
+        or list(map(type, shape)).count(int) != len(shape)  # ints only: not 1.0, not True
         or tuple(shape[1:]) != signature.item_shape
         or not shape
         or shape[0] < 1
     ):
+        expected = ["N", *signature.item_shape]
         raise RequestError(
             f"input shape {shape!r} does not match the model's {expected} (N >= 1 examples)",
             reason="bad_shape",
@@ -327,7 +330,13 @@ def decode_requested_outputs(outputs: object, binary_default: bool) -> tuple[Req
     None (or an empty list) asks for every output, as the protocol says.
     """
     if outputs is None or outputs == []:
-        return tuple(RequestedOutput(name, binary_default) for name in DEFAULT_OUTPUTS)
+        return _named_outputs(DEFAULT_OUTPUTS, binary_default)
+    if type(outputs) is list and len(outputs) <= len(OUTPUT_DATATYPES):
+        # The usual request names a few outputs and nothing else: its answer is known.
+        names = tuple(o.get("name") if type(o) is dict and len(o) == 1 else None for o in outputs)
+        # (A name is checked as a string first: a list or an object cannot be looked up.)
+        if all(type(name) is str and name in OUTPUT_DATATYPES for name in names):
+            return _named_outputs(names, binary_default)
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise RequestError(
             "'outputs' must be a list of {'name': ...} objects", reason="bad_outputs"
@@ -344,6 +353,12 @@ def decode_requested_outputs(outputs: object, binary_default: bool) -> tuple[Req
         binary = bool(_parameters(output).get("binary_data", binary_default))
         requested.append(RequestedOutput(name, binary))
     return tuple(requested)
+
+
+@functools.lru_cache(maxsize=64)
+def _named_outputs(names: tuple[str, ...], binary: bool) -> tuple[RequestedOutput, ...]:
+    """The outputs `names`, each in the request's default encoding (shared; never changed)."""
+    return tuple(RequestedOutput(name, binary) for name in names)
 
 
 def _parameters(obj: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -10,7 +10,6 @@ runs the candidate in shadow off the response path (`shadow`).
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import random
 import time
@@ -50,7 +49,6 @@ class AppState:
     feedback: FeedbackStore = field(default_factory=NullFeedbackStore)
     candidate: ModelManager | None = None  # shadow / canary; None when both are off
     _shadow_pending: int = field(default=0, init=False)
-    _shadow_futures: set[asyncio.Future[Any]] = field(default_factory=set, init=False)
     _shadow_records: list[LogRecord] = field(default_factory=list, init=False)
 
     async def start(self) -> None:
@@ -72,9 +70,7 @@ class AppState:
         await self.manager.close()
         if self.candidate is not None:
             await self.candidate.close()
-        if self._shadow_futures:
-            await asyncio.gather(*self._shadow_futures, return_exceptions=True)
-        self._write_shadow_records()
+        self._write_shadow_records()  # the candidate's close answered every shadow run
         await asyncio.to_thread(self.predlog.close)
         await asyncio.to_thread(self.feedback.close)
         self.executor.shutdown(wait=True)
@@ -178,10 +174,11 @@ class AppState:
     def shadow(self, request_id: str, endpoint: str, pixels: npt.NDArray[np.float32]) -> None:
         """Run the candidate on the same rows later, off the response path, and log its answer.
 
-        The rows go on the candidate's own micro-batcher (shadow requests batch together) with a
-        callback, not a task: the response never waits for it. Past `shadow_max_pending_rows`
-        rows waiting it is skipped and counted instead, so a slow candidate cannot slow the
-        champion's answers. The answers of one candidate batch reach the journal in one write.
+        The rows go on the candidate's own micro-batcher (shadow requests batch together), which
+        hands the outputs to a `ShadowRun`, not a task: the response never waits for it. Past
+        `shadow_max_pending_rows` rows waiting it is skipped and counted instead, so a slow
+        candidate cannot slow the champion's answers. The answers of one candidate batch reach
+        the journal in one write.
         """
         candidate = self.candidate.current if self.candidate is not None else None
         if candidate is None or candidate.signature.item_shape != tuple(pixels.shape[1:]):
@@ -190,48 +187,38 @@ class AppState:
         if self._shadow_pending + rows > self.settings.shadow_max_pending_rows:
             self.metrics.shadow_rows.labels("skipped").inc(rows)
             return
+        run = ShadowRun(self, candidate, request_id, endpoint, pixels)
         try:
-            future = candidate.batcher.submit(pixels)
+            candidate.batcher.submit_to(pixels, run)
         except BatcherClosedError:  # the candidate is being swapped: skip, never raise
             self.metrics.shadow_rows.labels("failed").inc(rows)
             return
         self._shadow_pending += rows
-        self._shadow_futures.add(future)
-        future.add_done_callback(
-            functools.partial(
-                self._shadow_answered, candidate, request_id, endpoint, pixels, time.perf_counter()
-            )
-        )
 
-    def _shadow_answered(
-        self,
-        candidate: ServedModel,
-        request_id: str,
-        endpoint: str,
-        pixels: npt.NDArray[np.float32],
-        started: float,
-        future: asyncio.Future[tuple[npt.NDArray[Any], ...]],
-    ) -> None:
-        self._shadow_futures.discard(future)
-        self._shadow_pending -= len(pixels)
-        if future.cancelled() or future.exception() is not None:
-            self.metrics.shadow_rows.labels("failed").inc(len(pixels))
-            logger.debug("shadow run of %s failed: %s", request_id, future)
-            return
-        probabilities, _, logged_embedding = future.result()
+    def shadow_failed(self, run: ShadowRun, exception: BaseException) -> None:
+        self._shadow_pending -= len(run.pixels)
+        self.metrics.shadow_rows.labels("failed").inc(len(run.pixels))
+        logger.debug("shadow run of %s failed: %s", run.request_id, exception)
+
+    def shadow_answered(self, run: ShadowRun, outputs: tuple[npt.NDArray[Any], ...]) -> None:
+        """Keep the candidate's answer; the answers of one candidate batch, which arrive in
+        the same loop iteration, are journaled together just after it."""
+        self._shadow_pending -= len(run.pixels)
+        probabilities, _, logged_embedding = outputs
         if not self._shadow_records:  # the first answer of this batch: write them all after it
             asyncio.get_running_loop().call_soon(self._write_shadow_records)
+        signature = run.candidate.signature
         self._shadow_records.append(
             LogRecord(
-                request_id=request_id,
+                request_id=run.request_id,
                 created_at=time.time(),
-                endpoint=endpoint,
-                model_name=candidate.signature.name,
-                model_version=candidate.signature.version,
-                inputs=pixels,
+                endpoint=run.endpoint,
+                model_name=signature.name,
+                model_version=signature.version,
+                inputs=run.pixels,
                 probabilities=probabilities,
                 embedding=logged_embedding,
-                latency_ms=(time.perf_counter() - started) * 1000.0,
+                latency_ms=(time.perf_counter() - run.started) * 1000.0,
                 role=SHADOW_ROLE,
                 sample_rate=self.settings.predlog_sample,
             )
@@ -244,7 +231,41 @@ class AppState:
             self.metrics.shadow_rows.labels("logged").inc(sum(len(r.inputs) for r in records))
 
 
-@dataclass(frozen=True, slots=True)
+class ShadowRun:
+    """One request's rows on the candidate's micro-batcher (a `batching.Waiter`): the
+    candidate's answer is logged, never sent."""
+
+    __slots__ = ("candidate", "endpoint", "finished", "pixels", "request_id", "started", "state")
+
+    def __init__(
+        self,
+        state: AppState,
+        candidate: ServedModel,
+        request_id: str,
+        endpoint: str,
+        pixels: npt.NDArray[np.float32],
+    ) -> None:
+        self.state = state
+        self.candidate = candidate
+        self.request_id = request_id
+        self.endpoint = endpoint
+        self.pixels = pixels
+        self.started = time.perf_counter()
+        self.finished = False
+
+    def done(self) -> bool:
+        return self.finished
+
+    def set_result(self, outputs: tuple[npt.NDArray[Any], ...], /) -> None:
+        self.finished = True
+        self.state.shadow_answered(self, outputs)
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        self.finished = True
+        self.state.shadow_failed(self, exception)
+
+
+@dataclass(slots=True)  # not frozen: made per request, and a frozen init costs 4x
 class Prediction:
     """An answered request, to log: its id, where it came in, who answered and with what."""
 
