@@ -620,3 +620,60 @@ def test_nothing_pipelined_behind_an_early_error_with_close_is_run(served: Serve
     assert after.requests(200) == before.requests(200)
     assert after.requests(499) == before.requests(499)
     assert after.predictions() == before.predictions()
+
+
+# --- keep-alive: one idle timer per connection (wire.AnswersInfer) ----------------------------
+
+KEEP_ALIVE_S = 0.5
+
+
+@pytest.fixture(scope="module")
+def short_keep_alive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """A server whose idle connections are closed after KEEP_ALIVE_S (OPSLOOP_KEEP_ALIVE_S)."""
+    tmp_path = tmp_path_factory.mktemp("serve-keep-alive")
+    bundle = write_bundle(tmp_path / "bundle", version=MODEL_VERSION, seed=0)
+    with serving_bundle(bundle, tmp_path, "none", OPSLOOP_KEEP_ALIVE_S=str(KEEP_ALIVE_S)) as url:
+        yield Served(int(url.rsplit(":", 1)[1]))
+
+
+@pytest.mark.parametrize("last", ["infer", "ready"], ids=["after-infer", "after-asgi"])
+def test_an_idle_connection_is_closed_after_the_keep_alive_time(
+    short_keep_alive: Served, last: str
+) -> None:
+    with short_keep_alive.connect() as connection:
+        connection.send(short_keep_alive.infer("first"))
+        assert_answered(connection.read_response(), "first")
+        time.sleep(KEEP_ALIVE_S * 0.6)  # the idle timer now runs; the next answer resets it
+        request = short_keep_alive.infer("last") if last == "infer" else short_keep_alive.ready()
+        connection.send(request)
+        assert connection.read_response().status == 200
+        answered = time.monotonic()
+        assert connection.closed_by_server(timeout=KEEP_ALIVE_S + 5)
+        idle = time.monotonic() - answered
+    # Measured from the last answer, not from the first (whose timer was still pending).
+    assert KEEP_ALIVE_S * 0.9 <= idle < KEEP_ALIVE_S + 3, idle
+
+
+def test_a_connection_in_use_outlives_the_keep_alive_time(short_keep_alive: Served) -> None:
+    with short_keep_alive.connect() as connection:
+        started = time.monotonic()
+        count = 0
+        while time.monotonic() - started < KEEP_ALIVE_S * 4:
+            connection.send(short_keep_alive.infer(f"busy-{count}"))
+            assert_answered(connection.read_response(), f"busy-{count}")
+            count += 1
+            time.sleep(KEEP_ALIVE_S / 5)
+        assert count >= 10
+        assert not connection.closed_by_server(timeout=KEEP_ALIVE_S / 5)
+
+
+def test_a_request_in_progress_is_not_cut_by_the_keep_alive_time(short_keep_alive: Served) -> None:
+    request = short_keep_alive.infer("slow-body")
+    head, _, body = request.partition(b"\r\n\r\n")
+    with short_keep_alive.connect() as connection:
+        connection.send(short_keep_alive.infer("warm"))
+        assert_answered(connection.read_response(), "warm")
+        connection.send(head + b"\r\n\r\n" + body[:10])  # busy: the body timeout (30 s) applies
+        time.sleep(KEEP_ALIVE_S * 3)
+        connection.send(body[10:])
+        assert_answered(connection.read_response(), "slow-body")

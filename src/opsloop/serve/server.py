@@ -152,6 +152,7 @@ def uvicorn_options(settings: ServeSettings) -> dict[str, Any]:
         "log_config": logging_config(settings.log_level),
         "lifespan": "on",
         "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_SECONDS,
+        "timeout_keep_alive": settings.keep_alive_s,
         "server_header": False,
         **http_options(limits),
     }

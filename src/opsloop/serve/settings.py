@@ -50,6 +50,7 @@ HINTS = COMMON_HINTS | {
     "max_header_bytes": "use a byte count of at least 1024 (all request headers together)",
     "header_timeout_s": "use a positive number of seconds",
     "body_timeout_s": "use a positive number of seconds",
+    "keep_alive_s": "use a positive number of seconds",
     "max_image_pixels": "use 1 or more pixels (width x height of a /predict upload)",
     "cors_origins": "use comma-separated origins such as https://app.example.com, or '*'",
 }
@@ -134,6 +135,8 @@ class ServeSettings(ServiceSettings):
     max_header_bytes: int = Field(32 * 1024, ge=1024)
     header_timeout_s: float = Field(10.0, gt=0)
     body_timeout_s: float = Field(30.0, gt=0)
+    # An idle keep-alive connection (no request in progress) is closed after this long.
+    keep_alive_s: float = Field(5.0, gt=0)
     # /predict refuses (413) an image of more pixels, checked from its header before decoding.
     max_image_pixels: int = Field(40_000_000, ge=1)
     # Browser pages on other origins allowed to call the API (comma-separated origins, or "*").

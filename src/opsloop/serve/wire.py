@@ -168,8 +168,50 @@ class AnswersInfer(ProtocolBase):
         )
         self.date_headers: list[tuple[bytes, bytes]] | None = None
         self.date_block = b""
+        self.idle_since: float | None = None  # loop time of the last answer; None while busy
+
+    # --- keep-alive: one idle timer per connection, not one per answer -------------------
+    # uvicorn arms a timer after every answer and cancels it on the next read: a timer handle
+    # made and dropped per request (~2 us). Here a read only marks the connection busy; the
+    # timer, armed when an answer leaves an idle connection without one, closes it only if it
+    # has been idle for the whole keep-alive time, and otherwise waits out the rest.
+
+    def _unset_keepalive_if_required(self) -> None:
+        self.idle_since = None  # a read: busy until its answer (the header timeout applies)
+
+    def on_response_complete(self) -> None:
+        """uvicorn's (start a request pipelined behind, or wait for the next), keeping the
+        connection's idle timer instead of making a new one."""
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self.idle_since = self.loop.time()
+        if self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+
+    def timeout_keep_alive_handler(self) -> None:
+        self.timeout_keep_alive_task = None
+        if self.idle_since is None or self.transport.is_closing():
+            return  # busy: the answer that ends it arms the timer again
+        left = self.idle_since + self.timeout_keep_alive - self.loop.time()
+        if left > 0:
+            self.timeout_keep_alive_task = self.loop.call_later(
+                left, self.timeout_keep_alive_handler
+            )
+        else:
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
         super().connection_lost(exc)  # marks the exchange in flight `disconnected`
         exchange = self.cycle
         if not isinstance(exchange, Exchange) or exchange.response_complete:
