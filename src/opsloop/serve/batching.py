@@ -172,5 +172,5 @@ def deliver(batch: Sequence[_Pending], outputs: Sequence[Array]) -> None:
     for pending in batch:
         end = start + len(pending.rows)
         if not pending.future.done():  # a client that went away leaves a cancelled future
-            pending.future.set_result(tuple(output[start:end] for output in outputs))
+            pending.future.set_result(tuple([output[start:end] for output in outputs]))
         start = end

@@ -76,7 +76,7 @@ class LogRecord:
 
 def encode_record(record: LogRecord) -> bytes:
     """One frame: what `decode_frames` reads back into an equal record."""
-    arrays = (record.inputs, record.probabilities, record.embedding)
+    inputs, probabilities, embedding = record.inputs, record.probabilities, record.embedding
     header = orjson.dumps(
         {
             "r": record.request_id,
@@ -87,13 +87,28 @@ def encode_record(record: LogRecord) -> bytes:
             "l": record.latency_ms,
             "o": record.role,
             "s": record.sample_rate,
-            "a": [[array.dtype.str, array.shape] for array in arrays],
+            "a": [
+                [_dtype_text(inputs.dtype), inputs.shape],
+                [_dtype_text(probabilities.dtype), probabilities.shape],
+                [_dtype_text(embedding.dtype), embedding.shape],
+            ],
         }
     )
     payload = b"".join(
-        (HEADER_LENGTH.pack(len(header)), header, *(np.ascontiguousarray(a).data for a in arrays))
+        (
+            HEADER_LENGTH.pack(len(header)),
+            header,
+            inputs.tobytes(),  # row-major bytes, whatever the array's layout
+            probabilities.tobytes(),
+            embedding.tobytes(),
+        )
     )
     return FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+@functools.cache
+def _dtype_text(dtype: np.dtype[Any]) -> str:
+    return dtype.str  # cached: numpy builds this string anew on every access (~0.35 us)
 
 
 @functools.cache
