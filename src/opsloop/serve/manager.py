@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from opsloop.errors import OpsloopError, redact_text
@@ -32,10 +32,10 @@ class ServedModel:
     model: OnnxModel
     batcher: MicroBatcher
     fingerprint: str
+    signature: ModelSignature = field(init=False)  # the model's, read several times a request
 
-    @property
-    def signature(self) -> ModelSignature:
-        return self.model.signature
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "signature", self.model.signature)
 
 
 @dataclass(frozen=True)

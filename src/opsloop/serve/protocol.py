@@ -333,10 +333,10 @@ def decode_requested_outputs(outputs: object, binary_default: bool) -> tuple[Req
         return _named_outputs(DEFAULT_OUTPUTS, binary_default)
     if type(outputs) is list and len(outputs) <= len(OUTPUT_DATATYPES):
         # The usual request names a few outputs and nothing else: its answer is known.
-        names = tuple(o.get("name") if type(o) is dict and len(o) == 1 else None for o in outputs)
+        names = [o.get("name") if type(o) is dict and len(o) == 1 else None for o in outputs]
         # (A name is checked as a string first: a list or an object cannot be looked up.)
         if all(type(name) is str and name in OUTPUT_DATATYPES for name in names):
-            return _named_outputs(names, binary_default)
+            return _named_outputs(tuple(names), binary_default)
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise RequestError(
             "'outputs' must be a list of {'name': ...} objects", reason="bad_outputs"
