@@ -424,7 +424,7 @@ def run(shape: tuple[int, int, int], duration: float, workdir: Path) -> list[Cel
                 ("constant", "(c) constant answer, bare ASGI, 2 workers"),
                 ("opsloop", "(d) opsloop serve, 2 workers, metrics + log"),
                 ("shadow", "(e) (d) + the candidate in shadow"),
-                ("fsync", "(f) (d) + the journal fsynced per request"),
+                ("fsync", "(f) (d) + the journal fsynced before answering"),
             ):
                 ours = name in ("opsloop", "shadow", "fsync")
                 # The previous cell's ingester may still be writing its log: not this cell's cost.

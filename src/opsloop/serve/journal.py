@@ -4,8 +4,9 @@ A request's record is written — one `write(2)` of a length-prefixed, checksumm
 its response is sent. Once `write` returns, the bytes are in the operating system's page cache,
 which outlives the process: a SIGKILL of the worker (or of every process at once) loses no
 acknowledged prediction. `fsync=True` also survives a power loss, at the cost of a disk flush per
-request (`benchmarks/serve.py` measures it). The ingester (`opsloop.serve.ingest`) moves the
-records into the SQL log and deletes what it committed, so the worker never builds a SQL row.
+write (the answers of one micro-batch share a write; `benchmarks/serve.py` measures it). The
+ingester (`opsloop.serve.ingest`) moves the records into the SQL log and deletes what it
+committed, so the worker never builds a SQL row.
 
 Layout: a directory of segments `<writer>.<seq>.journal`, where `<writer>` is unique to one
 process lifetime. A writer holds an exclusive `flock` on its open segment; a segment nobody holds
@@ -16,7 +17,7 @@ knows it may delete a segment once it has committed all of it. Records:
     payload = u16 header length | header (JSON) | inputs | probabilities | embedding
 
 The header names the request and each array's dtype and shape; arrays are raw little-endian
-bytes, read back with `np.frombuffer`, so nothing is ever unpickled.
+bytes, read back as numpy views of the frame, so nothing is ever unpickled.
 """
 
 from __future__ import annotations

@@ -79,7 +79,8 @@ class ServeSettings(ServiceSettings):
     # Every prediction is first appended to its worker's journal file (before the answer is
     # sent), then moved into the log by the ingester. None puts the journal in
     # <workspace>/.opsloop/journal/<port>. `journal_fsync` also survives a power loss (a disk
-    # flush per request); without it the page cache survives any process being killed.
+    # flush per journal write: one per micro-batch of answers); without it the page cache
+    # survives any process being killed.
     journal_dir: Path | None = None
     journal_fsync: bool = False
     # While the database is away the journal grows on disk; beyond this many bytes new
