@@ -184,3 +184,17 @@ async def test_the_infer_calls_are_found_under_uvicorn_wrappers(app: FastAPI) ->
     assert find_infer_calls(Wrapper(Wrapper(app))) is getattr(app, "infer_calls", None)
     assert find_infer_calls(app) is not None
     assert find_infer_calls(FastAPI()) is None  # any other app: everything goes through ASGI
+
+
+async def test_a_client_gone_with_a_request_pipelined_behind_its_infer_is_counted_499(
+    served: FastAPI, pixels: npt.NDArray[np.float32]
+) -> None:
+    client = connect(served)
+    client.send_infer(pixels[:1], "gone")
+    client.protocol.data_received(b"GET /v2/health/ready HTTP/1.1\r\nHost: test\r\n\r\n")
+    client.protocol.connection_lost(None)  # before the batch runs
+    await settle()
+    assert client.answers() == []
+    text = served.state.serve.metrics.render()[0].decode()
+    endpoint = 'endpoint="/v2/models/{model_name}/infer"'
+    assert metric(text, f'opsloop_requests_total{{{endpoint},status="499"}}') == 1

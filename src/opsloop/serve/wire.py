@@ -162,6 +162,7 @@ class AnswersInfer(ProtocolBase):
         super().connection_made(transport)
         self.infer_calls = find_infer_calls(self.app)
         self.exchange = None
+        self.in_flight: Exchange | None = None  # the newest infer exchange (answered or not)
         # An answer is complete when written: it need not wait to join a later write.
         self.send_now = (
             transport.write_now if isinstance(transport, CoalescingTransport) else transport.write
@@ -212,10 +213,12 @@ class AnswersInfer(ProtocolBase):
         if self.timeout_keep_alive_task is not None:
             self.timeout_keep_alive_task.cancel()
             self.timeout_keep_alive_task = None
-        super().connection_lost(exc)  # marks the exchange in flight `disconnected`
-        exchange = self.cycle
-        if not isinstance(exchange, Exchange) or exchange.response_complete:
+        super().connection_lost(exc)
+        exchange = self.in_flight
+        if exchange is None or exchange.response_complete:
             return
+        # uvicorn marks only the newest request (`cycle`), which may be one pipelined behind it.
+        exchange.disconnected = True
         if exchange.call is None:  # gone before its body was complete: nothing else counts it
             exchange.response_complete = True
             exchange.count(exchange.gone_status())
@@ -265,6 +268,7 @@ class AnswersInfer(ProtocolBase):
         assert self.infer_calls is not None
         exchange = self.exchange = Exchange(self, self.url, self.parser.get_http_version())
         self.cycle = exchange  # type: ignore[assignment]
+        self.in_flight = exchange
         try:
             path = self.url.partition(b"?")[0].decode("ascii")
             exchange.target = self.infer_calls.target(path, headers)
