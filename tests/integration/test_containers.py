@@ -118,6 +118,12 @@ def wait_for(what: str, ready: Callable[[], bool], logs: Callable[[], str]) -> N
     raise AssertionError(f"{what} not reached after {START_TIMEOUT_S}s:\n{logs()}")
 
 
+def window_size(monitor_url: str) -> float:
+    """The number of logged examples in the monitor's latest verdict."""
+    metrics = httpx.get(f"{monitor_url}/metrics", timeout=5).text
+    return metric_value(metrics, "opsloop_drift_window_size")
+
+
 def wait_for_http(url: str, cname: str) -> None:
     wait_for(
         url,
@@ -284,6 +290,13 @@ def test_monitor_image_reports_on_the_logged_predictions(
         )
         report = httpx.get(f"{monitor_url}/drift", timeout=5).json()
         assert isinstance(report["drift"], bool)
+        # The monitor checks every second, the ingester commits every 50 ms: a first verdict may
+        # come from a window the last request had not reached yet. The next one has them all.
+        wait_for(
+            "a verdict on all 50 logged examples",
+            lambda: window_size(monitor_url) == 50,
+            lambda: podman("logs", monitor, check=False)[-3000:],
+        )
         metrics = httpx.get(f"{monitor_url}/metrics", timeout=5).text
         assert metric_value(metrics, "opsloop_drift_window_size") == 50
         assert metric_value(metrics, "opsloop_drift_monitor_healthy") == 1
