@@ -2,8 +2,9 @@
 
 For every request uvicorn builds an ASGI scope, a request-response cycle with its event, a task
 and a coroutine, then four message dicts pass through `receive` and `send`, and each response
-header is checked by regular expressions. For a 64-pixel image that framework work costs more
-than the model does (the profile in docs/serving.md). So the connection protocol of `opsloop
+header is checked by regular expressions. For a 64-pixel image that framework work cost more
+than the model does (taking it away saved more CPU per request than the model uses: the A/B in
+docs/serving.md, "Against the goals"). So the connection protocol of `opsloop
 serve` (`AnswersInfer`, mixed into `limits`' protocol) recognises an infer POST once its
 headers are parsed, collects its body, runs `fastpath.InferCalls` on it and writes the answer
 straight to the socket when its micro-batch is done: the batcher hands the outputs to the
