@@ -242,6 +242,18 @@ def still_serving(served: Served) -> Iterator[None]:
     served.infer_ok()
 
 
+def assert_only_counted(served: Served, before: Metrics, status: int) -> None:
+    """One request counted with `status` since `before`, and nothing run behind it: no other
+    answer or departure counted, no prediction made."""
+    wait_for(served, lambda m: m.requests(status) > before.requests(status))
+    time.sleep(0.3)  # anything run behind the close would be counted by now
+    after = served.metrics()
+    assert after.requests(status) - before.requests(status) == 1
+    assert after.requests(200) == before.requests(200)
+    assert after.requests(499) == before.requests(499)
+    assert after.predictions() == before.predictions()
+
+
 def assert_answered(response: Response, request_id: str) -> None:
     assert response.status == 200, response.body
     document = response.json()
@@ -413,13 +425,7 @@ def test_nothing_pipelined_behind_a_413_that_closes_is_run(served: Served) -> No
         assert response.status == 413
         assert response.header("connection") == "close"
         assert connection.closed_by_server()
-    wait_for(served, lambda m: m.requests(413) > before.requests(413))
-    time.sleep(0.3)  # anything run behind the close would be counted by now
-    after = served.metrics()
-    assert after.requests(413) - before.requests(413) == 1
-    assert after.requests(200) == before.requests(200)
-    assert after.requests(499) == before.requests(499)
-    assert after.predictions() == before.predictions()
+    assert_only_counted(served, before, 413)
 
 
 def test_a_declared_length_over_the_payload_limit_is_413_at_once(served: Served) -> None:
@@ -613,13 +619,7 @@ def test_nothing_pipelined_behind_an_early_error_with_close_is_run(served: Serve
         assert response.status == 404
         assert response.header("connection") == "close"
         assert connection.closed_by_server()
-    after = wait_for(served, lambda m: m.requests(404) > before.requests(404))
-    time.sleep(0.3)  # anything run behind the close would be counted by now
-    after = served.metrics()
-    assert after.requests(404) - before.requests(404) == 1
-    assert after.requests(200) == before.requests(200)
-    assert after.requests(499) == before.requests(499)
-    assert after.predictions() == before.predictions()
+    assert_only_counted(served, before, 404)
 
 
 # --- keep-alive: one idle timer per connection (wire.AnswersInfer) ----------------------------

@@ -198,3 +198,16 @@ async def test_a_client_gone_with_a_request_pipelined_behind_its_infer_is_counte
     text = served.state.serve.metrics.render()[0].decode()
     endpoint = 'endpoint="/v2/models/{model_name}/infer"'
     assert metric(text, f'opsloop_requests_total{{{endpoint},status="499"}}') == 1
+
+
+async def test_an_infer_call_makes_no_task_where_any_other_request_does(
+    served: FastAPI, pixels: npt.NDArray[np.float32]
+) -> None:
+    """The module's claim: no ASGI cycle (and so no task) per infer call."""
+    infer, ready = connect(served), connect(served)
+    infer.send_infer(pixels[:1], "no-task")
+    assert infer.protocol.tasks == set()
+    ready.protocol.data_received(b"GET /v2/health/ready HTTP/1.1\r\nHost: test\r\n\r\n")
+    assert len(ready.protocol.tasks) == 1  # uvicorn's ASGI cycle for everything else
+    await settle()
+    assert infer.answers()[0][0] == 200
