@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 from opsloop.predictions import decode_input, read_predictions
+from opsloop.serve import ingest
 from opsloop.serve.ingest import (
     ITEM_COLUMNS,
     REQUEST_COLUMNS,
@@ -20,13 +21,13 @@ from opsloop.serve.ingest import (
     ingester_lock,
     rows_of,
 )
-from opsloop.serve.journal import JournalWriter, list_segments
+from opsloop.serve.journal import JournalWriter, batches_of, list_segments
 from tests.serve.test_predlog import record, url_for
 
 
 def test_one_request_row_and_one_item_row_per_example() -> None:
     item = record("r1", rows=3)
-    rows = rows_of([item], first_id=41)
+    rows = rows_of(batches_of([item]), first_id=41)
     (request,) = [dict(zip(REQUEST_COLUMNS, row, strict=True)) for row in rows.requests]
     assert request["id"] == 41
     assert request["request_id"] == "r1"  # once for the request, not per example
@@ -48,7 +49,7 @@ def test_rows_keep_record_order_across_shapes() -> None:
     small = [record("a", rows=2), record("b")]
     other = record("c")
     other = dataclasses.replace(other, inputs=np.zeros((1, 1, 4, 4), np.float32))
-    rows = rows_of([*small, other, record("d")], first_id=1)
+    rows = rows_of(batches_of([*small, other, record("d")]), first_id=1)
     requests = [dict(zip(REQUEST_COLUMNS, row, strict=True)) for row in rows.requests]
     assert [(r["id"], r["request_id"]) for r in requests] == [
         (1, "a"),
@@ -98,6 +99,36 @@ def test_everything_is_ingested_once_and_sealed_segments_deleted(tmp_path: Path)
     assert first.ingest_once() == 0  # nothing twice
     assert list_segments(tmp_path / "journal") == []
     assert first.stats.segments_deleted > 1
+    assert read_predictions(url_for(tmp_path)).request_ids == ids
+
+
+def test_frames_longer_than_one_read_are_ingested_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ingest, "READ_BYTES", 1500)  # a frame of 8 records takes ~3 KB
+    writer = JournalWriter(tmp_path / "journal")
+    writer.open()
+    ids = [f"r{i}" for i in range(40)]
+    for start in range(0, 40, 8):  # five micro-batches: five frames
+        assert writer.append_many([record(request_id) for request_id in ids[start : start + 8]])
+    writer.close()
+    assert ingester(tmp_path, batch_rows=3).ingest_once() == 40
+    assert read_predictions(url_for(tmp_path)).request_ids == ids
+    assert list_segments(tmp_path / "journal") == []
+
+
+def test_one_read_is_committed_in_transactions_of_batch_rows(tmp_path: Path) -> None:
+    writer = JournalWriter(tmp_path / "journal")
+    writer.open()
+    ids = [f"r{i}" for i in range(20)]
+    for request_id in ids:  # one-record frames in one segment, all in one read
+        writer.append(record(request_id))
+    writer.close()
+    made = ingester(tmp_path, batch_rows=6)
+    commits: list[int] = []
+    made.on_written = commits.append
+    assert made.ingest_once() == 20
+    assert commits == [6, 6, 6, 2]
     assert read_predictions(url_for(tmp_path)).request_ids == ids
 
 

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 
 from opsloop.errors import ConfigError
@@ -18,8 +22,9 @@ from opsloop.serve.journal import (
     FRAME,
     JournalWriter,
     LogRecord,
+    batches_of,
     decode_frames,
-    encode_record,
+    encode_batches,
     is_sealed,
     iter_records,
     list_segments,
@@ -42,6 +47,11 @@ def record(request_id: str, rows: int = 1) -> LogRecord:
     )
 
 
+def frame(*records: LogRecord) -> bytes:
+    """The records' frames, as a writer's `append_many` writes them."""
+    return encode_batches(batches_of(records))
+
+
 def assert_same(left: LogRecord, right: LogRecord) -> None:
     for field in ("request_id", "created_at", "endpoint", "model_name", "model_version"):
         assert getattr(left, field) == getattr(right, field)
@@ -54,14 +64,14 @@ def assert_same(left: LogRecord, right: LogRecord) -> None:
 
 def test_a_frame_reads_back_exactly() -> None:
     original = record("é-unicode-id", rows=3)
-    frames = decode_frames(encode_record(original), base=100, max_records=10)
+    frames = decode_frames(frame(original), base=100, max_records=10)
     assert not frames.corrupt
-    assert frames.end == 100 + len(encode_record(original))
+    assert frames.end == 100 + len(frame(original))
     assert_same(frames.records[0], original)
 
 
 def test_an_incomplete_last_frame_is_left_for_later() -> None:
-    first, second = encode_record(record("a")), encode_record(record("b"))
+    first, second = frame(record("a")), frame(record("b"))
     for cut in (1, FRAME.size, len(second) - 1):  # inside the length, at the header, the data
         frames = decode_frames(first + second[:cut], base=0, max_records=10)
         assert [r.request_id for r in frames.records] == ["a"]
@@ -70,7 +80,7 @@ def test_an_incomplete_last_frame_is_left_for_later() -> None:
 
 
 def test_a_damaged_frame_is_reported_not_decoded() -> None:
-    first, second = encode_record(record("a")), bytearray(encode_record(record("b")))
+    first, second = frame(record("a")), bytearray(frame(record("b")))
     second[-3] ^= 0xFF
     frames = decode_frames(first + bytes(second), base=0, max_records=10)
     assert [r.request_id for r in frames.records] == ["a"]
@@ -79,11 +89,59 @@ def test_a_damaged_frame_is_reported_not_decoded() -> None:
 
 
 def test_max_records_limits_one_read() -> None:
-    data = b"".join(encode_record(record(f"r{i}")) for i in range(5))
+    data = b"".join(frame(record(f"r{i}")) for i in range(5))
     frames = decode_frames(data, base=0, max_records=2)
     assert [r.request_id for r in frames.records] == ["r0", "r1"]
     rest = decode_frames(data[frames.end :], base=frames.end, max_records=10)
     assert [r.request_id for r in rest.records] == ["r2", "r3", "r4"]
+
+
+def test_one_frame_holds_a_batch_of_records_that_read_back_exactly() -> None:
+    originals = [record("a", rows=2), record("b"), record("c", rows=4)]
+    data = frame(*originals)
+    assert FRAME.unpack_from(data)[0] == len(data) - FRAME.size  # one frame for all three
+    frames = decode_frames(data, base=0, max_records=10)
+    assert [len(batch) for batch in frames.batches] == [3]
+    for read, original in zip(frames.records, originals, strict=True):
+        assert_same(read, original)
+
+
+def test_records_of_other_shapes_get_frames_of_their_own_in_order() -> None:
+    wide = dataclasses.replace(record("wide"), probabilities=np.ones((1, 3), np.float32))
+    originals = [record("a"), record("b"), wide, record("c")]
+    frames = decode_frames(frame(*originals), base=0, max_records=10)
+    assert [batch.request_ids for batch in frames.batches] == [["a", "b"], ["wide"], ["c"]]
+    for read, original in zip(frames.records, originals, strict=True):
+        assert_same(read, original)
+
+
+def test_a_frame_is_never_split_to_keep_to_max_records() -> None:
+    data = frame(*(record(f"r{i}") for i in range(5))) + frame(record("next"))
+    frames = decode_frames(data, base=0, max_records=2)
+    assert [r.request_id for r in frames.records] == [f"r{i}" for i in range(5)]
+    assert frames.count == 5
+
+
+def test_one_record_frames_of_earlier_versions_still_read_back() -> None:
+    original = record("old", rows=2)
+    arrays = (original.inputs, original.probabilities, original.embedding)
+    header = orjson.dumps(  # the version 1 layout: one record, scalar fields
+        {
+            "r": original.request_id,
+            "t": original.created_at,
+            "e": original.endpoint,
+            "n": original.model_name,
+            "v": original.model_version,
+            "l": original.latency_ms,
+            "o": original.role,
+            "a": [[array.dtype.str, array.shape] for array in arrays],
+        }
+    )
+    payload = struct.pack("<H", len(header)) + header + b"".join(a.tobytes() for a in arrays)
+    old = FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+    (read,) = decode_frames(old, base=0, max_records=10).records
+    assert_same(read, original)
+    assert read.sample_rate == 1.0  # not written then: everything was logged
 
 
 def test_the_writer_rotates_segments_and_seals_the_ones_it_left(tmp_path: Path) -> None:

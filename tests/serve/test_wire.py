@@ -161,13 +161,13 @@ async def test_the_answers_of_one_batch_reach_the_journal_in_one_write(
 ) -> None:
     predlog = served.state.serve.predlog
     writes: list[list[str]] = []
-    append_many = predlog.append_many
+    append_batches = predlog.append_batches
 
-    def recording(records: Any) -> None:
-        writes.append([record.request_id for record in records])
-        append_many(records)
+    def recording(batches: Any) -> None:
+        writes.append([request_id for batch in batches for request_id in batch.request_ids])
+        append_batches(batches)
 
-    predlog.append_many = recording
+    predlog.append_batches = recording
     clients = [connect(served) for _ in range(6)]
     for index, client in enumerate(clients):
         client.send_infer(pixels[:1], f"j{index}")  # all queued before the batcher runs

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -56,8 +56,9 @@ from opsloop.predictions import (
     take_ids,
 )
 from opsloop.serve.journal import (
-    LogRecord,
+    RecordBatch,
     decode_frames,
+    frame_size,
     is_sealed,
     list_segments,
 )
@@ -93,72 +94,65 @@ class Rows:
     items: list[Row]  # in ITEM_COLUMNS order
 
 
-def rows_of(records: Sequence[LogRecord], first_id: int) -> Rows:
-    """The rows of many records, requests numbered from `first_id` in order.
+def rows_of(batches: Sequence[RecordBatch], first_id: int) -> Rows:
+    """The rows of many batches, requests numbered from `first_id` in order.
 
-    Vectorised over each run of same-shaped records and sliced from one buffer per array.
+    Consecutive batches of one shape are joined and turned into rows column by column: the
+    arrays are converted once and sliced from one buffer each, and the rows are zipped in C.
     """
     rows = Rows([], [])
-    for run in same_shape_runs(records):
-        _add_run(rows, run, first_id + len(rows.requests))
+    for run in same_shape_runs(batches):
+        _add_batch(rows, RecordBatch.joined(run), first_id + len(rows.requests))
     return rows
 
 
-def same_shape_runs(records: Sequence[LogRecord]) -> list[list[LogRecord]]:
-    """Consecutive records whose arrays can be concatenated (a model swap may change shapes)."""
-    runs: list[list[LogRecord]] = []
+def same_shape_runs(batches: Sequence[RecordBatch]) -> list[list[RecordBatch]]:
+    """Consecutive batches whose arrays can be concatenated (a model swap may change shapes)."""
+    runs: list[list[RecordBatch]] = []
     previous: tuple[Any, ...] | None = None
-    for record in records:
-        key = (record.inputs.shape[1:], record.probabilities.shape[1:], record.embedding.shape[1:])
+    for batch in batches:
+        key = batch.shape_key()
         if key != previous:
             runs.append([])
             previous = key
-        runs[-1].append(record)
+        runs[-1].append(batch)
     return runs
 
 
-def _add_run(rows: Rows, run: Sequence[LogRecord], first_id: int) -> None:
-    inputs = np.concatenate([r.inputs for r in run]) if len(run) > 1 else run[0].inputs
-    probabilities = np.concatenate([r.probabilities for r in run])
-    embedding = np.concatenate([r.embedding for r in run])
-    count = len(inputs)
-    compact, dtype = compact_input(inputs)
-    shape = orjson.dumps(inputs.shape[1:]).decode()
-    input_bytes = _row_slices(compact, count)
-    probability_bytes = _row_slices(np.ascontiguousarray(probabilities, PROBABILITIES_DTYPE), count)
-    embedding_bytes = _row_slices(np.ascontiguousarray(embedding, EMBEDDING_DTYPE), count)
-    labels = probabilities.argmax(axis=1).tolist()
-    index = 0
-    for number, record in enumerate(run):
-        request = first_id + number
-        rows.requests.append(
-            (
-                request,
-                record.request_id,
-                record.created_at,
-                record.endpoint,
-                record.model_name,
-                record.model_version,
-                record.role,
-                record.latency_ms,
-                record.sample_rate,
-                dtype,
-                shape,
-                EMBEDDING_DTYPE,
-            )
+def _add_batch(rows: Rows, batch: RecordBatch, first_id: int) -> None:
+    examples = len(batch.inputs)
+    compact, dtype = compact_input(batch.inputs)
+    ids = np.arange(first_id, first_id + len(batch), dtype=np.int64)
+    rows.requests.extend(
+        zip(
+            ids.tolist(),
+            batch.request_ids,
+            batch.created_at,
+            batch.endpoints,
+            batch.model_names,
+            batch.model_versions,
+            batch.roles,
+            batch.latency_ms,
+            batch.sample_rates,
+            itertools.repeat(dtype),
+            itertools.repeat(orjson.dumps(batch.inputs.shape[1:]).decode()),
+            itertools.repeat(EMBEDDING_DTYPE),
+            strict=False,  # the repeats are endless: the lists set the length
         )
-        for item in range(len(record.inputs)):
-            rows.items.append(
-                (
-                    request,
-                    item,
-                    input_bytes[index],
-                    probability_bytes[index],
-                    embedding_bytes[index],
-                    labels[index],
-                )
-            )
-            index += 1
+    )
+    counts = np.asarray(batch.rows, dtype=np.int64)
+    first_rows = np.cumsum(counts) - counts  # where each request's examples start
+    rows.items.extend(
+        zip(
+            np.repeat(ids, counts).tolist(),  # each example's request
+            (np.arange(examples) - np.repeat(first_rows, counts)).tolist(),  # its place in it
+            _row_slices(compact, examples),
+            _row_slices(np.ascontiguousarray(batch.probabilities, PROBABILITIES_DTYPE), examples),
+            _row_slices(np.ascontiguousarray(batch.embedding, EMBEDDING_DTYPE), examples),
+            batch.probabilities.argmax(axis=1).tolist(),
+            strict=True,
+        )
+    )
 
 
 def _row_slices(array: npt.NDArray[Any], count: int) -> list[bytes]:
@@ -175,9 +169,9 @@ def compact_input(examples: npt.NDArray[np.float32]) -> tuple[npt.NDArray[Any], 
     return np.ascontiguousarray(examples, "<f4"), "float32"
 
 
-def insert_rows(connection: Connection, records: Sequence[LogRecord]) -> int:
-    """Insert the records' rows (taking their request ids); the number of examples."""
-    rows = rows_of(records, take_ids(connection, len(records)))
+def insert_rows(connection: Connection, batches: Sequence[RecordBatch]) -> int:
+    """Insert the batches' rows (taking their request ids); the number of examples."""
+    rows = rows_of(batches, take_ids(connection, sum(map(len, batches))))
     insert_many(connection, requests, REQUEST_COLUMNS, rows.requests)
     insert_many(connection, items, ITEM_COLUMNS, rows.items)
     return len(rows.items)
@@ -418,26 +412,35 @@ class Ingester:
             size = path.stat().st_size
             with path.open("rb") as file:
                 while offset < size:
-                    file.seek(offset)
-                    data = file.read(READ_BYTES)
-                    frames = decode_frames(data, offset, max_records=self.batch_rows)
-                    if frames.records:
-                        committed += self._commit(path.name, frames.records, frames.end)
-                        offset = frames.end
-                    if frames.corrupt or not frames.records:
+                    taken, rows = self._commit_read(path.name, read_frames_at(file, offset), offset)
+                    committed += rows
+                    if taken == 0:
                         break  # a torn or corrupt tail, or a frame still being written
+                    offset += taken
         except FileNotFoundError:  # another ingester (an earlier life of this one) deleted it
             return committed
         if sealed:
             self._retire(path, offset, size)
         return committed
 
-    def _commit(self, segment: str, records: list[LogRecord], end: int) -> int:
-        """Insert the records' rows and move the segment's offset, in one transaction."""
+    def _commit_read(self, segment: str, data: memoryview, base: int) -> tuple[int, int]:
+        """Commit the whole frames in `data` (read at segment offset `base`), up to
+        `batch_rows` requests per transaction (a frame is never split); (bytes, rows) committed."""
+        position = rows = 0
+        while True:
+            frames = decode_frames(data[position:], base + position, self.batch_rows)
+            if frames.batches:
+                rows += self._commit(segment, frames.batches, frames.end)
+                position = frames.end - base
+            if frames.corrupt or not frames.batches:
+                return position, rows
+
+    def _commit(self, segment: str, batches: list[RecordBatch], end: int) -> int:
+        """Insert the batches' rows and move the segment's offset, in one transaction."""
         assert self._engine is not None
         assert self._offsets is not None
         with self._engine.begin() as connection:
-            count = insert_rows(connection, records)
+            count = insert_rows(connection, batches)
             save_offset(connection, segment, end, known=segment in self._offsets)
         self._offsets[segment] = end
         if self._failures:
@@ -475,6 +478,18 @@ class Ingester:
                 rows = connection.execute(select(journal_offsets)).all()
             self._offsets = {row.segment: row.committed for row in rows}
         return self._offsets
+
+
+def read_frames_at(file: BinaryIO, offset: int) -> memoryview:
+    """Up to `READ_BYTES` from `offset`, or more when the first frame there is longer: a frame
+    is only ever decoded whole."""
+    file.seek(offset)
+    data = file.read(READ_BYTES)
+    needed = frame_size(data)
+    if needed > len(data) == READ_BYTES:
+        file.seek(offset)
+        data = file.read(needed)
+    return memoryview(data)
 
 
 def save_offset(connection: Connection, segment: str, offset: int, *, known: bool) -> None:

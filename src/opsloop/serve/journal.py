@@ -1,29 +1,33 @@
 """The prediction journal: each serving process appends every prediction to its own file first.
 
-A request's record is written — one `write(2)` of a length-prefixed, checksummed frame — before
-its response is sent. Once `write` returns, the bytes are in the operating system's page cache,
-which outlives the process: a SIGKILL of the worker (or of every process at once) loses no
-acknowledged prediction. `fsync=True` also survives a power loss, at the cost of a disk flush per
-write (the answers of one micro-batch share a write; `benchmarks/serve.py` measures it). The
+A request's record is written — in one `write(2)` of a length-prefixed, checksummed frame, which
+holds the records of a whole micro-batch — before its response is sent. Once `write` returns,
+the bytes are in the operating system's page cache, which outlives the process: a SIGKILL of the
+worker (or of every process at once) loses no acknowledged prediction. `fsync=True` also
+survives a power loss, at the cost of a disk flush per write (`benchmarks/serve.py` measures
+it). The
 ingester (`opsloop.serve.ingest`) moves the records into the SQL log and deletes what it
 committed, so the worker never builds a SQL row.
 
 Layout: a directory of segments `<writer>.<seq>.journal`, where `<writer>` is unique to one
 process lifetime. A writer holds an exclusive `flock` on its open segment; a segment nobody holds
 is sealed (its writer moved on to the next one, exited, or was killed), which is how the ingester
-knows it may delete a segment once it has committed all of it. Records:
+knows it may delete a segment once it has committed all of it. Frames:
 
     frame   = u32 payload length | u32 crc32(payload) | payload            (little-endian)
     payload = u16 header length | header (JSON) | inputs | probabilities | embedding
 
-The header names the request and each array's dtype and shape; arrays are raw little-endian
-bytes, read back as numpy views of the frame, so nothing is ever unpickled.
+The header lists each record's request id, time, model, role, ... and example count, and each
+array's dtype and shape; an array holds all the records' examples, in raw little-endian bytes,
+read back as a numpy view of the frame, so nothing is ever unpickled. A batch is columns, not
+records, at both ends: written once per micro-batch, inserted as it was read.
 """
 
 from __future__ import annotations
 
 import fcntl
 import functools
+import itertools
 import logging
 import os
 import re
@@ -75,33 +79,155 @@ class LogRecord:
     sample_rate: float = 1.0  # the share of requests being logged (OPSLOOP_PREDLOG_SAMPLE)
 
 
-def encode_record(record: LogRecord) -> bytes:
-    """One frame: what `decode_frames` reads back into an equal record."""
-    inputs, probabilities, embedding = record.inputs, record.probabilities, record.embedding
+LIST_FIELDS = (
+    "request_ids",
+    "created_at",
+    "endpoints",
+    "model_names",
+    "model_versions",
+    "latency_ms",
+    "roles",
+    "sample_rates",
+    "rows",
+)
+ARRAY_FIELDS = ("inputs", "probabilities", "embedding")
+
+
+@dataclass(slots=True)
+class RecordBatch:
+    """Records side by side: one list per field, each array concatenated over their examples.
+
+    What one frame holds: the answers of one micro-batch are written as one batch, and the
+    ingester turns batches into table rows column by column, never record by record.
+    """
+
+    request_ids: list[str]
+    created_at: list[float]
+    endpoints: list[str]
+    model_names: list[str]
+    model_versions: list[str]
+    latency_ms: list[float]
+    roles: list[str]
+    sample_rates: list[float]
+    rows: list[int]  # each record's examples, in order
+    inputs: npt.NDArray[Any]
+    probabilities: npt.NDArray[Any]
+    embedding: npt.NDArray[Any]
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+    @classmethod
+    def of(cls, records: Sequence[LogRecord]) -> RecordBatch:
+        """The batch of same-shaped records (`batches_of` splits any others)."""
+        return cls(
+            [r.request_id for r in records],
+            [r.created_at for r in records],
+            [r.endpoint for r in records],
+            [r.model_name for r in records],
+            [r.model_version for r in records],
+            [r.latency_ms for r in records],
+            [r.role for r in records],
+            [r.sample_rate for r in records],
+            [len(r.inputs) for r in records],
+            _joined([r.inputs for r in records]),
+            _joined([r.probabilities for r in records]),
+            _joined([r.embedding for r in records]),
+        )
+
+    @classmethod
+    def joined(cls, batches: Sequence[RecordBatch]) -> RecordBatch:
+        """One batch of same-shaped batches, in order."""
+        if len(batches) == 1:
+            return batches[0]
+        fields: dict[str, Any] = {
+            name: list(itertools.chain.from_iterable(getattr(b, name) for b in batches))
+            for name in LIST_FIELDS
+        }
+        fields |= {name: _joined([getattr(b, name) for b in batches]) for name in ARRAY_FIELDS}
+        return cls(**fields)
+
+    def shape_key(self) -> tuple[Any, ...]:
+        """What must match for batches to be joined: each array's dtype and example shape."""
+        return _shape_key(self.inputs, self.probabilities, self.embedding)
+
+    def records(self) -> list[LogRecord]:
+        """The records one by one (for tests and inspection; the ingester never splits)."""
+        bounds = np.cumsum([0, *self.rows]).tolist()
+        return [
+            LogRecord(
+                request_id=self.request_ids[i],
+                created_at=self.created_at[i],
+                endpoint=self.endpoints[i],
+                model_name=self.model_names[i],
+                model_version=self.model_versions[i],
+                inputs=self.inputs[bounds[i] : bounds[i + 1]],
+                probabilities=self.probabilities[bounds[i] : bounds[i + 1]],
+                embedding=self.embedding[bounds[i] : bounds[i + 1]],
+                latency_ms=self.latency_ms[i],
+                role=self.roles[i],
+                sample_rate=self.sample_rates[i],
+            )
+            for i in range(len(self))
+        ]
+
+
+def _joined(arrays: list[npt.NDArray[Any]]) -> npt.NDArray[Any]:
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def _shape_key(*arrays: npt.NDArray[Any]) -> tuple[Any, ...]:
+    return tuple((array.dtype, array.shape[1:]) for array in arrays)
+
+
+def batches_of(records: Sequence[LogRecord]) -> list[RecordBatch]:
+    """The records as batches, in order: one, unless their examples differ in shape (a model
+    swap, or a canary with other classes) — then a new batch wherever the shape changes."""
+    try:
+        return [RecordBatch.of(records)]
+    except ValueError:  # np.concatenate joins arrays only when all but the first axis match
+        pass
+    runs: list[list[LogRecord]] = []
+    previous: tuple[Any, ...] | None = None
+    for record in records:
+        key = _shape_key(record.inputs, record.probabilities, record.embedding)
+        if key != previous:
+            runs.append([])
+            previous = key
+        runs[-1].append(record)
+    return [RecordBatch.of(run) for run in runs]
+
+
+def encode_batches(batches: Sequence[RecordBatch]) -> bytes:
+    """The batches as frames, one each: what `decode_frames` reads back."""
+    if len(batches) == 1:
+        return encode_batch(batches[0])
+    return b"".join(map(encode_batch, batches))
+
+
+def encode_batch(batch: RecordBatch) -> bytes:
+    """One frame holding a whole batch."""
+    arrays = (batch.inputs, batch.probabilities, batch.embedding)
     header = orjson.dumps(
         {
-            "r": record.request_id,
-            "t": record.created_at,
-            "e": record.endpoint,
-            "n": record.model_name,
-            "v": record.model_version,
-            "l": record.latency_ms,
-            "o": record.role,
-            "s": record.sample_rate,
-            "a": [
-                [_dtype_text(inputs.dtype), inputs.shape],
-                [_dtype_text(probabilities.dtype), probabilities.shape],
-                [_dtype_text(embedding.dtype), embedding.shape],
-            ],
+            "k": batch.rows,
+            "r": batch.request_ids,
+            "t": batch.created_at,
+            "e": batch.endpoints,
+            "n": batch.model_names,
+            "v": batch.model_versions,
+            "l": batch.latency_ms,
+            "o": batch.roles,
+            "s": batch.sample_rates,
+            "a": [[_dtype_text(array.dtype), array.shape] for array in arrays],
         }
     )
     payload = b"".join(
         (
             HEADER_LENGTH.pack(len(header)),
             header,
-            inputs.tobytes(),  # row-major bytes, whatever the array's layout
-            probabilities.tobytes(),
-            embedding.tobytes(),
+            # row-major bytes, whatever the array's layout
+            *(array.tobytes() for array in arrays),
         )
     )
     return FRAME.pack(len(payload), zlib.crc32(payload)) + payload
@@ -117,8 +243,8 @@ def _dtype(text: str) -> np.dtype[Any]:
     return np.dtype(text)  # cached: building a dtype from its text costs more than the frame
 
 
-def decode_payload(payload: bytes) -> LogRecord:
-    """The record in one frame's payload (checked by the caller's checksum)."""
+def decode_payload(payload: bytes | memoryview) -> RecordBatch:
+    """The batch in one frame's payload (checked by the caller's checksum)."""
     (header_length,) = HEADER_LENGTH.unpack_from(payload)
     start = HEADER_LENGTH.size
     header: dict[str, Any] = orjson.loads(payload[start : start + header_length])
@@ -129,51 +255,75 @@ def decode_payload(payload: bytes) -> LogRecord:
         arrays.append(array)  # a read-only view of the payload, like np.frombuffer's
         offset += array.nbytes
     inputs, probabilities, embedding = arrays
-    return LogRecord(
-        request_id=header["r"],
+    if "k" not in header:  # one record per frame: what versions before 0.3 wrote
+        header = {key: [value] for key, value in header.items()} | {"k": [len(inputs)]}
+    return RecordBatch(
+        request_ids=header["r"],
         created_at=header["t"],
-        endpoint=header["e"],
-        model_name=header["n"],
-        model_version=header["v"],
+        endpoints=header["e"],
+        model_names=header["n"],
+        model_versions=header["v"],
+        latency_ms=header["l"],
+        roles=header["o"],
+        sample_rates=header.get("s", [1.0] * len(header["r"])),
+        rows=header["k"],
         inputs=inputs,
         probabilities=probabilities,
         embedding=embedding,
-        latency_ms=header["l"],
-        role=header["o"],
-        sample_rate=header.get("s", 1.0),
     )
 
 
 @dataclass(frozen=True, slots=True)
 class Frames:
-    """The whole records in a stretch of a segment, and where the next one starts."""
+    """The whole frames in a stretch of a segment, and where the next one starts."""
 
-    records: list[LogRecord]
-    end: int  # the offset just past the last whole record
+    batches: list[RecordBatch]
+    end: int  # the offset just past the last whole frame
     corrupt: bool  # a frame failed its checksum or its length is impossible
 
+    @property
+    def count(self) -> int:
+        """The records in all the batches."""
+        return sum(map(len, self.batches))
 
-def decode_frames(data: bytes, base: int, max_records: int) -> Frames:
-    """Whole records from `data` (read at segment offset `base`), at most `max_records`.
+    @property
+    def records(self) -> list[LogRecord]:
+        """The records one by one (for tests and inspection)."""
+        return [record for batch in self.batches for record in batch.records()]
+
+
+def frame_size(data: bytes) -> int:
+    """The bytes of the frame `data` starts with, as its length says (0 if too short to say)."""
+    if len(data) < FRAME.size:
+        return 0
+    length, _ = FRAME.unpack_from(data)
+    return int(FRAME.size + min(length, MAX_PAYLOAD + 1))
+
+
+def decode_frames(data: bytes | memoryview, base: int, max_records: int) -> Frames:
+    """Whole frames from `data` (read at segment offset `base`), stopping once they hold
+    `max_records` records or more (a frame is never split).
 
     An incomplete frame at the end stops the read without error: its writer may be writing it
     right now, or was killed inside `write` — in which case it was never acknowledged.
     """
-    records: list[LogRecord] = []
+    batches: list[RecordBatch] = []
+    count = 0
     position = 0
-    while len(records) < max_records and position + FRAME.size <= len(data):
+    while count < max_records and position + FRAME.size <= len(data):
         length, checksum = FRAME.unpack_from(data, position)
         if length > MAX_PAYLOAD:
-            return Frames(records, base + position, corrupt=True)
+            return Frames(batches, base + position, corrupt=True)
         start = position + FRAME.size
         if start + length > len(data):
             break
         payload = data[start : start + length]
         if zlib.crc32(payload) != checksum:
-            return Frames(records, base + position, corrupt=True)
-        records.append(decode_payload(payload))
+            return Frames(batches, base + position, corrupt=True)
+        batches.append(decode_payload(payload))
+        count += len(batches[-1])
         position = start + length
-    return Frames(records, base + position, corrupt=False)
+    return Frames(batches, base + position, corrupt=False)
 
 
 def segment_path(directory: Path, writer: str, seq: int) -> Path:
@@ -275,16 +425,16 @@ class JournalWriter:
 
     def append_many(self, records: Sequence[LogRecord]) -> bool:
         """Write `records` in one `write`; False (all counted as dropped) when it is full."""
+        return self.append_batches(batches_of(records))
+
+    def append_batches(self, batches: Sequence[RecordBatch]) -> bool:
+        """Write `batches` in one `write`; False (all counted as dropped) when it is full."""
         if self._fd is None:
             raise RuntimeError("the journal is not open")
         if self._size >= self.segment_bytes and not self._rotate():
-            self._drop(sum(len(record.inputs) for record in records))
+            self._drop(sum(len(batch.inputs) for batch in batches))
             return False
-        frame = (
-            encode_record(records[0])
-            if len(records) == 1
-            else b"".join(map(encode_record, records))
-        )
+        frame = encode_batches(batches)
         written = os.write(self._fd, frame)
         if written != len(frame):  # a full disk mid-frame: the ingester skips the torn tail
             self._size = self.segment_bytes  # move on to a fresh segment next time

@@ -20,9 +20,15 @@ from typing import Any
 
 from opsloop.predictions import EngineOptions
 from opsloop.serve.ingest import Housekeeping, Ingester, IngesterThread, Retention
-from opsloop.serve.journal import DEFAULT_MAX_BYTES, DEFAULT_SEGMENT_BYTES, JournalWriter, LogRecord
+from opsloop.serve.journal import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_SEGMENT_BYTES,
+    JournalWriter,
+    LogRecord,
+    RecordBatch,
+)
 
-__all__ = ["LogRecord", "NullPredictionLog", "PredictionLog", "prediction_log"]
+__all__ = ["LogRecord", "NullPredictionLog", "PredictionLog", "RecordBatch", "prediction_log"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +92,10 @@ class PredictionLog:
         """Write several requests' predictions in one `write(2)`."""
         self.writer.append_many(records)
 
+    def append_batches(self, batches: Sequence[RecordBatch]) -> None:
+        """Write batches of requests' predictions in one `write(2)`."""
+        self.writer.append_batches(batches)
+
     def close(self, timeout: float = 30.0) -> None:
         """Seal the journal; in process, write everything to the database before returning."""
         self.writer.close()
@@ -123,6 +133,9 @@ class NullPredictionLog(PredictionLog):
         pass
 
     def append_many(self, records: Sequence[LogRecord]) -> None:
+        pass
+
+    def append_batches(self, batches: Sequence[RecordBatch]) -> None:
         pass
 
     def close(self, timeout: float = 30.0) -> None:

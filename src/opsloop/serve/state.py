@@ -28,7 +28,7 @@ from opsloop.serve.batching import BatcherClosedError
 from opsloop.serve.feedback import FeedbackStore, NullFeedbackStore
 from opsloop.serve.manager import BatchingLimits, ModelManager, ServedModel
 from opsloop.serve.metrics import ServeMetrics
-from opsloop.serve.predlog import LogRecord, NullPredictionLog, PredictionLog
+from opsloop.serve.predlog import LogRecord, NullPredictionLog, PredictionLog, RecordBatch
 from opsloop.serve.protocol import RequestError
 from opsloop.serve.runtime import SessionTuning
 from opsloop.serve.settings import ServeSettings
@@ -136,7 +136,8 @@ class AppState:
         journal once for all of them costs about what doing it for one does. (Their embeddings
         were projected onto the log basis once per batch, by `OnnxModel.serve_batch`.)
         """
-        for served, group in by_model(predictions):
+        groups = by_model(predictions)
+        for served, group in groups:
             probabilities = stacked([p.outputs[0] for p in group])
             self.metrics.observe_predictions(probabilities, served.signature.class_names)
         self.metrics.observe_routed_many([p.role for p in predictions])
@@ -147,25 +148,9 @@ class AppState:
             if unsampled:
                 self.metrics.predlog_unsampled_rows.inc(unsampled)
             predictions = kept
-        now = time.time()
-        records = [
-            LogRecord(
-                request_id=prediction.request_id,
-                created_at=now,
-                endpoint=prediction.endpoint,
-                model_name=prediction.served.signature.name,
-                model_version=prediction.served.signature.version,
-                inputs=prediction.pixels,
-                probabilities=prediction.outputs[0],
-                embedding=prediction.outputs[2],  # the log-basis coordinates
-                latency_ms=(time.perf_counter() - prediction.started) * 1000.0,
-                role=prediction.role,
-                sample_rate=rate,
-            )
-            for prediction in predictions
-        ]
-        if records:
-            self.predlog.append_many(records)
+            groups = by_model(predictions)
+        if predictions:  # each model's answers as one batch: their arrays' shapes match
+            self.predlog.append_batches([record_batch(group, rate) for _, group in groups])
         if self.settings.shadow:
             for prediction in predictions:
                 if prediction.role == CHAMPION_ROLE:
@@ -287,6 +272,27 @@ def by_model(predictions: Sequence[Prediction]) -> list[tuple[ServedModel, list[
             groups[key] = (prediction.served, [])
         groups[key][1].append(prediction)
     return list(groups.values())
+
+
+def record_batch(predictions: Sequence[Prediction], sample_rate: float) -> RecordBatch:
+    """The journal batch of predictions one model answered (so their arrays' shapes match)."""
+    now, done = time.time(), time.perf_counter()
+    signature = predictions[0].served.signature
+    count = len(predictions)
+    return RecordBatch(
+        request_ids=[p.request_id for p in predictions],
+        created_at=[now] * count,
+        endpoints=[p.endpoint for p in predictions],
+        model_names=[signature.name] * count,
+        model_versions=[signature.version] * count,
+        latency_ms=[(done - p.started) * 1000.0 for p in predictions],
+        roles=[p.role for p in predictions],
+        sample_rates=[sample_rate] * count,
+        rows=[len(p.pixels) for p in predictions],
+        inputs=stacked([p.pixels for p in predictions]),
+        probabilities=stacked([p.outputs[0] for p in predictions]),
+        embedding=stacked([p.outputs[2] for p in predictions]),  # the log-basis coordinates
+    )
 
 
 def stacked(arrays: list[npt.NDArray[Any]]) -> npt.NDArray[Any]:
