@@ -74,7 +74,7 @@ class ServeSettings(ServiceSettings):
     max_request_rows: int = Field(1024, ge=1)
     # Prediction log: a SQLAlchemy URL; None means SQLite in the workspace, "none" switches it off.
     predlog_url: str | None = None
-    predlog_batch_rows: int = Field(512, ge=1)
+    predlog_batch_rows: int = Field(2048, ge=1)
     predlog_flush_ms: float = Field(200, gt=0)
     # Every prediction is first appended to its worker's journal file (before the answer is
     # sent), then moved into the log by the ingester. None puts the journal in
