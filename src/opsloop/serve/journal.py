@@ -255,7 +255,7 @@ def decode_payload(payload: bytes | memoryview) -> RecordBatch:
         arrays.append(array)  # a read-only view of the payload, like np.frombuffer's
         offset += array.nbytes
     inputs, probabilities, embedding = arrays
-    if "k" not in header:  # one record per frame: what versions before 0.3 wrote
+    if "k" not in header:  # one record per frame, as earlier versions wrote
         header = {key: [value] for key, value in header.items()} | {"k": [len(inputs)]}
     return RecordBatch(
         request_ids=header["r"],
