@@ -20,11 +20,13 @@ import pytest
 from opsloop.errors import ConfigError
 from opsloop.serve.journal import (
     FRAME,
+    MAX_PAYLOAD,
     JournalWriter,
     LogRecord,
     batches_of,
     decode_frames,
     encode_batches,
+    frame_size,
     is_sealed,
     iter_records,
     list_segments,
@@ -120,6 +122,15 @@ def test_a_frame_is_never_split_to_keep_to_max_records() -> None:
     frames = decode_frames(data, base=0, max_records=2)
     assert [r.request_id for r in frames.records] == [f"r{i}" for i in range(5)]
     assert frames.count == 5
+
+
+def test_frame_size_reads_the_length_and_refuses_impossible_ones() -> None:
+    data = frame(record("a", rows=3))
+    assert frame_size(data) == len(data)
+    assert frame_size(data[: FRAME.size - 1]) == 0  # too short to say
+    impossible = FRAME.pack(MAX_PAYLOAD + 1, 0)  # not worth reading 256 MiB to find out
+    assert frame_size(impossible) == 0
+    assert decode_frames(impossible, base=0, max_records=1).corrupt
 
 
 def test_one_record_frames_of_earlier_versions_still_read_back() -> None:

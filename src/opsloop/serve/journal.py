@@ -5,9 +5,8 @@ holds the records of a whole micro-batch — before its response is sent. Once `
 the bytes are in the operating system's page cache, which outlives the process: a SIGKILL of the
 worker (or of every process at once) loses no acknowledged prediction. `fsync=True` also
 survives a power loss, at the cost of a disk flush per write (`benchmarks/serve.py` measures
-it). The
-ingester (`opsloop.serve.ingest`) moves the records into the SQL log and deletes what it
-committed, so the worker never builds a SQL row.
+it). The ingester (`opsloop.serve.ingest`) moves the records into the SQL log and deletes what
+it committed, so the worker never builds a SQL row.
 
 Layout: a directory of segments `<writer>.<seq>.journal`, where `<writer>` is unique to one
 process lifetime. A writer holds an exclusive `flock` on its open segment; a segment nobody holds
@@ -293,11 +292,12 @@ class Frames:
 
 
 def frame_size(data: bytes) -> int:
-    """The bytes of the frame `data` starts with, as its length says (0 if too short to say)."""
+    """The bytes of the frame `data` starts with, as its length says; 0 when `data` is too
+    short to say or the length is impossible (`decode_frames` reports that as corrupt)."""
     if len(data) < FRAME.size:
         return 0
     length, _ = FRAME.unpack_from(data)
-    return int(FRAME.size + min(length, MAX_PAYLOAD + 1))
+    return 0 if length > MAX_PAYLOAD else int(FRAME.size + length)
 
 
 def decode_frames(data: bytes | memoryview, base: int, max_records: int) -> Frames:
