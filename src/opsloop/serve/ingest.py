@@ -57,6 +57,7 @@ from opsloop.predictions import (
 )
 from opsloop.serve.journal import (
     RecordBatch,
+    consecutive_runs,
     decode_frames,
     frame_size,
     is_sealed,
@@ -101,22 +102,9 @@ def rows_of(batches: Sequence[RecordBatch], first_id: int) -> Rows:
     arrays are converted once and sliced from one buffer each, and the rows are zipped in C.
     """
     rows = Rows([], [])
-    for run in same_shape_runs(batches):
+    for run in consecutive_runs(batches, RecordBatch.shape_key):
         _add_batch(rows, RecordBatch.joined(run), first_id + len(rows.requests))
     return rows
-
-
-def same_shape_runs(batches: Sequence[RecordBatch]) -> list[list[RecordBatch]]:
-    """Consecutive batches whose arrays can be concatenated (a model swap may change shapes)."""
-    runs: list[list[RecordBatch]] = []
-    previous: tuple[Any, ...] | None = None
-    for batch in batches:
-        key = batch.shape_key()
-        if key != previous:
-            runs.append([])
-            previous = key
-        runs[-1].append(batch)
-    return runs
 
 
 def _add_batch(rows: Rows, batch: RecordBatch, first_id: int) -> None:

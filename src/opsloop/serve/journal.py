@@ -35,10 +35,10 @@ import struct
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -48,6 +48,7 @@ from opsloop.errors import ConfigError
 from opsloop.predictions import CHAMPION_ROLE
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FRAME = struct.Struct("<II")  # payload length, crc32
 HEADER_LENGTH = struct.Struct("<H")
@@ -129,9 +130,9 @@ class RecordBatch:
             [r.role for r in records],
             [r.sample_rate for r in records],
             [len(r.inputs) for r in records],
-            _joined([r.inputs for r in records]),
-            _joined([r.probabilities for r in records]),
-            _joined([r.embedding for r in records]),
+            stacked([r.inputs for r in records]),
+            stacked([r.probabilities for r in records]),
+            stacked([r.embedding for r in records]),
         )
 
     @classmethod
@@ -143,7 +144,7 @@ class RecordBatch:
             name: list(itertools.chain.from_iterable(getattr(b, name) for b in batches))
             for name in LIST_FIELDS
         }
-        fields |= {name: _joined([getattr(b, name) for b in batches]) for name in ARRAY_FIELDS}
+        fields |= {name: stacked([getattr(b, name) for b in batches]) for name in ARRAY_FIELDS}
         return cls(**fields)
 
     def shape_key(self) -> tuple[Any, ...]:
@@ -171,8 +172,22 @@ class RecordBatch:
         ]
 
 
-def _joined(arrays: list[npt.NDArray[Any]]) -> npt.NDArray[Any]:
+def stacked(arrays: list[npt.NDArray[Any]]) -> npt.NDArray[Any]:
+    """The arrays one after the other (the one array itself, uncopied, when alone)."""
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def consecutive_runs(items: Sequence[T], key: Callable[[T], Hashable]) -> list[list[T]]:
+    """`items` cut into runs of neighbours with equal `key`, in order."""
+    runs: list[list[T]] = []
+    previous: Hashable = object()  # equal to no key
+    for item in items:
+        current = key(item)
+        if current != previous:
+            runs.append([])
+            previous = current
+        runs[-1].append(item)
+    return runs
 
 
 def _shape_key(*arrays: npt.NDArray[Any]) -> tuple[Any, ...]:
@@ -186,14 +201,7 @@ def batches_of(records: Sequence[LogRecord]) -> list[RecordBatch]:
         return [RecordBatch.of(records)]
     except ValueError:  # np.concatenate joins arrays only when all but the first axis match
         pass
-    runs: list[list[LogRecord]] = []
-    previous: tuple[Any, ...] | None = None
-    for record in records:
-        key = _shape_key(record.inputs, record.probabilities, record.embedding)
-        if key != previous:
-            runs.append([])
-            previous = key
-        runs[-1].append(record)
+    runs = consecutive_runs(records, lambda r: _shape_key(r.inputs, r.probabilities, r.embedding))
     return [RecordBatch.of(run) for run in runs]
 
 

@@ -26,6 +26,7 @@ from fastapi import Request
 from opsloop.predictions import CANARY_ROLE, CHAMPION_ROLE, SHADOW_ROLE
 from opsloop.serve.batching import BatcherClosedError
 from opsloop.serve.feedback import FeedbackStore, NullFeedbackStore
+from opsloop.serve.journal import stacked
 from opsloop.serve.manager import BatchingLimits, ModelManager, ServedModel
 from opsloop.serve.metrics import ServeMetrics
 from opsloop.serve.predlog import LogRecord, NullPredictionLog, PredictionLog, RecordBatch
@@ -293,10 +294,6 @@ def record_batch(predictions: Sequence[Prediction], sample_rate: float) -> Recor
         probabilities=stacked([p.outputs[0] for p in predictions]),
         embedding=stacked([p.outputs[2] for p in predictions]),  # the log-basis coordinates
     )
-
-
-def stacked(arrays: list[npt.NDArray[Any]]) -> npt.NDArray[Any]:
-    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
 def canary_bucket(request_id: str) -> float:
