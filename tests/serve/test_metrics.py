@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
+from opsloop.serve.ingest import Housekeeping
 from opsloop.serve.metrics import LATENCY_BUCKETS, ServeMetrics, observe_all
 
 CLASSES = ["a", "b", "c"]
@@ -78,3 +79,14 @@ def test_requests_answered_together_are_counted_and_timed() -> None:
     assert value("opsloop_requests_total", {"endpoint": "/x", "status": "200"}) == 4
     assert value("opsloop_request_latency_seconds_count", {"endpoint": "/x"}) == 4
     assert value("opsloop_request_latency_seconds_sum", {"endpoint": "/x"}) == pytest.approx(0.01)
+
+
+def test_housekeeping_sets_the_log_size_gauges_and_counts_what_retention_deleted() -> None:
+    metrics = ServeMetrics()
+    metrics.record_housekeeping(Housekeeping(deleted_rows=7, rows=30, bytes=9000, backlog_bytes=12))
+    metrics.record_housekeeping(Housekeeping(deleted_rows=0, rows=25, bytes=8000, backlog_bytes=0))
+    value = metrics.registry.get_sample_value
+    assert value("opsloop_predlog_size_rows") == 25  # the latest measure, not a sum
+    assert value("opsloop_predlog_size_bytes") == 8000
+    assert value("opsloop_journal_backlog_bytes") == 0
+    assert value("opsloop_predlog_deleted_rows_total") == 7
